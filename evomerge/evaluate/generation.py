@@ -1,0 +1,85 @@
+"""Batched greedy generation with a KV cache, for any transformers causal LM.
+
+A hand-written loop rather than ``model.generate``: for the tiny zoo models the per-step overhead of
+``generate`` dominates, and the loop is short. Prompts are sorted by length and left-padded, with
+position ids taken from the attention mask, so mixed lengths batch correctly.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Sequence
+
+import torch
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    """transformers 5 renamed ``past_key_values`` to ``cache``; accept both."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+@torch.inference_mode()
+def greedy_generate(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+) -> list[list[int]]:
+    """Greedy continuations (without the EOS) for token-id prompts, in the order given."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    key = _cache_kwarg(model)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: list[list[int]] = [[] for _ in prompts]
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            p = prompts[i]
+            ids[row, width - len(p) :] = torch.as_tensor(p)
+            mask[row, width - len(p) :] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        cache = out.past_key_values
+        done = torch.zeros(len(idx), dtype=torch.bool, device=device)
+        generated = []
+        next_pos = pos[:, -1:] + 1
+        for step in range(max_new_tokens):
+            token = out.logits[:, -1].argmax(-1)
+            token = torch.where(done, torch.full_like(token, eos_token_id), token)
+            generated.append(token)
+            done |= token == eos_token_id
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos,
+                        use_cache=True, **{key: cache})
+            cache = out.past_key_values
+            next_pos = next_pos + 1
+        gen = torch.stack(generated, dim=1).tolist()
+        for row, i in enumerate(idx):
+            seq = gen[row]
+            results[i] = seq[: seq.index(eos_token_id)] if eos_token_id in seq else seq
+    return results
+
+
+def exact_match(
+    model: torch.nn.Module,
+    tokenizer,
+    items: Sequence[dict],
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+) -> list[float]:
+    """1.0 where the greedy continuation of ``item['prompt']`` equals ``item['answer']``."""
+    prompts = [tokenizer(it["prompt"])["input_ids"] for it in items]
+    answer_lens = [len(tokenizer(it["answer"], add_special_tokens=False)["input_ids"]) for it in items]
+    outs = greedy_generate(model, prompts, max(answer_lens) + 1, tokenizer.eos_token_id,
+                           tokenizer.pad_token_id, batch_size=batch_size, device=device)
+    texts = tokenizer.batch_decode(outs, skip_special_tokens=True)
+    return [float(t.strip() == it["answer"].strip()) for t, it in zip(texts, items)]
