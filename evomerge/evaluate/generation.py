@@ -46,7 +46,7 @@ def greedy_generate(
         ids, mask = ids.to(device), mask.to(device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        cache = out.past_key_values
+        cache = out[key] if key in out else out.past_key_values
         done = torch.zeros(len(idx), dtype=torch.bool, device=device)
         generated = []
         next_pos = pos[:, -1:] + 1
@@ -60,7 +60,7 @@ def greedy_generate(
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos,
                         use_cache=True, **{key: cache})
-            cache = out.past_key_values
+            cache = out[key] if key in out else out.past_key_values
             next_pos = next_pos + 1
         gen = torch.stack(generated, dim=1).tolist()
         for row, i in enumerate(idx):

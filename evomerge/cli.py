@@ -1,0 +1,74 @@
+"""The ``evomerge`` command line."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Evolutionary model merging: search merge recipes, score them cheaply, export the best.")
+zoo_app = typer.Typer(no_args_is_help=True, help="The built-in tiny model zoo.")
+app.add_typer(zoo_app, name="zoo")
+console = Console(stderr=True)
+
+
+def _fail(msg: str) -> None:
+    console.print(f"[red]error:[/red] {msg}")
+    raise typer.Exit(2)
+
+
+@zoo_app.command("build")
+def zoo_build(out: Optional[Path] = typer.Option(None, "--out", help="Zoo root folder (default $EVOMERGE_HOME/zoo)."),
+              seed: int = typer.Option(0, help="Seed of the whole build."),
+              force: bool = typer.Option(False, help="Rebuild even when a cached copy exists.")) -> None:
+    """Build the tiny zoo (tokenizer, items, base, experts) or find it in the cache; print its path."""
+    from evomerge.zoo import ZooSpec, ensure_zoo
+    from evomerge.zoo.build import print_accuracy
+
+    zoo = ensure_zoo(ZooSpec(seed=seed), out, console, force=force)
+    report = zoo.accuracy()
+    print_accuracy(report["accuracy"], report["checks"], zoo.skills + [zoo.spec.cross_target], console)
+    print(zoo.root)
+
+
+@app.command("merge")
+def merge(config: Path = typer.Argument(..., exists=True, dir_okay=False, help="mergekit-style YAML."),
+          out: Path = typer.Option(..., "-o", "--out", help="Output folder (a Hugging Face checkpoint)."),
+          device: str = typer.Option("cpu", help="Device to merge on (cpu, cuda, cuda:1, ...)."),
+          seed: Optional[int] = typer.Option(None, help="Seed of randomized methods (overrides evomerge.seed)."),
+          max_shard_size: str = typer.Option("5GB", help="Largest safetensors shard."),
+          allow_pickle: bool = typer.Option(False, help="Also read pickled .bin weights (runs code from the file)."),
+          ) -> None:
+    """Merge models as a mergekit YAML describes and write a loadable checkpoint with its tokenizer."""
+    from rich.progress import Progress
+
+    from evomerge.merge.config import MergeConfig
+    from evomerge.merge.files import merge_to_disk
+
+    try:
+        cfg = MergeConfig.from_yaml(config)
+    except Exception as err:  # pydantic / yaml errors name the bad key
+        _fail(f"{config}: {err}")
+    if seed is not None:
+        cfg.evomerge.seed = seed
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("merging", total=None)
+        try:
+            merge_to_disk(cfg, out, allow_pickle=allow_pickle, device=device, max_shard_size=max_shard_size,
+                          on_tensor=lambda name: progress.update(task, advance=1, description=name))
+        except ValueError as err:
+            _fail(str(err))
+    console.print(f"[green]wrote[/green] {out}")
+
+
+def main() -> None:  # pragma: no cover
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

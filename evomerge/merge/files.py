@@ -1,0 +1,73 @@
+"""``evomerge merge config.yaml -o OUT``: a merge from checkpoints on disk to a checkpoint on disk.
+
+Streams tensor by tensor: each output tensor is merged from the inputs' copies of that tensor alone
+and written into the current shard, so peak memory is about one shard plus one tensor per model,
+not the model size times the number of models (mergekit #549).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from evomerge.checkpoint import TensorReader, copy_tokenizer, write_sharded
+from evomerge.merge.config import MergeConfig
+from evomerge.merge.engine import as_dtype, tensor_seed
+from evomerge.merge.methods import merge_tensor
+from evomerge.merge.plan import MergeError, Sources, check_config, tensor_params
+
+
+def merge_to_disk(config: MergeConfig, out: str | Path, *, allow_pickle: bool = False,
+                  device: str = "cpu", max_shard_size: str | int = "5GB",
+                  on_tensor: Callable[[str], None] | None = None) -> Path:
+    """Validate ``config`` against the checkpoints' headers, then merge and write ``out``."""
+    out = Path(out)
+    sources = Sources.inspect(config.model_names(), allow_pickle)
+    method, inputs = check_config(config, sources)
+    ref = config.base_model or inputs.inputs[0]
+    num_layers = sources.num_layers(ref)
+    readers = {n: TensorReader(sources.paths[n], allow_pickle) for n in config.model_names()}
+    work_dtype = as_dtype(config.dtype)
+    out_dtype = as_dtype(config.out_dtype or config.dtype)
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for name in readers[ref].index:
+            raw = {n: readers[n].get(name, device) for n in [ref] + inputs.inputs}
+            if not raw[ref].is_floating_point():
+                yield name, raw[ref].cpu()
+                continue
+            if work_dtype is not None:
+                raw = {n: t.to(work_dtype) for n, t in raw.items()}
+            per_model, glob = tensor_params(config, method, inputs, name, num_layers)
+            base = raw[config.base_model] if config.base_model else None
+            if method.inputs == "deltas":
+                stack = torch.stack([raw[m].float() - base.float() for m in inputs.inputs]).to(base.dtype)
+            else:
+                stack = torch.stack([raw[m] for m in inputs.inputs])
+            gen = None
+            if method.randomized:
+                gen = torch.Generator(device=device).manual_seed(tensor_seed(config.evomerge.seed, name))
+            merged = merge_tensor(method, base, stack, per_model, glob, gen)
+            if out_dtype is not None:
+                merged = merged.to(out_dtype)
+            if on_tensor:
+                on_tensor(name)
+            yield name, merged.cpu()
+
+    write_sharded(tensors(), out, max_shard_size)
+    cfg = dict(sources.configs[ref])
+    dtype_name = config.out_dtype or config.dtype or cfg.get("dtype") or cfg.get("torch_dtype")
+    if dtype_name:
+        cfg["dtype"] = dtype_name
+        cfg.pop("torch_dtype", None)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    tok_src = config.tokenizer_source or "base"
+    if tok_src == "union":
+        raise MergeError("tokenizer_source 'union' is not supported; use 'base' or a model path")
+    tok_path = sources.paths.get(ref) if tok_src == "base" else Sources.inspect([tok_src]).paths[tok_src]
+    copy_tokenizer(tok_path, out)
+    (out / "mergekit_config.yml").write_text(config.to_yaml())
+    return out

@@ -1,0 +1,403 @@
+"""Merge methods: one small pure tensor function per method, behind a registry.
+
+Each method reproduces mergekit 0.1.5 (``merge_methods/*.py`` and ``sparsify.py``) so that a
+mergekit YAML gives the same weights here. The functions never touch the global RNG, never modify
+their inputs (the engine keeps task vectors resident and reuses them for every candidate) and work
+in float32 (float64 when given float64), returning the input dtype.
+
+Calling convention: ``merge_tensor(method, base, stack, model_params, global_params, generator)``
+where ``stack`` holds, for ``inputs="deltas"``, the task vectors ``x_i - base`` of the non-base
+models, and for ``inputs="tensors"`` (linear) the models' tensors themselves.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from types import MappingProxyType
+from typing import Any, Callable, Literal, Mapping, Sequence
+
+import torch
+
+Tensor = torch.Tensor
+Gen = torch.Generator | None
+PerModel = dict[str, list[float]]  # per-model parameter -> one value per row of the stack
+Globals = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered method. ``None`` as a parameter default means the parameter is required."""
+
+    name: str
+    fn: Callable[..., Tensor]  # fn(base, stack, model_params, global_params, generator), validated
+    inputs: Literal["deltas", "tensors"]
+    needs_base: bool
+    model_params: Mapping[str, float | None]
+    global_params: Mapping[str, Any]
+    randomized: bool
+
+
+# --------------------------------------------------------------------------------------------
+# Sparsifiers (mergekit/sparsify.py). Each takes one delta and returns a new tensor.
+
+
+def _rescaled(delta: Tensor, mask: Tensor, rescale: bool, eps: float = 1e-7) -> Tensor:
+    """Apply ``mask``; with ``rescale`` match the original L1 norm, as mergekit does (its
+    ``rescaled_masked_tensor`` with ``RescaleNorm.l1``), not DARE's 1/p. Like mergekit, skip the
+    rescale when either norm is below 1e-7. Written with ``torch.where`` to avoid a device sync."""
+    masked = delta * mask
+    if not rescale:
+        return masked
+    before, after = delta.abs().sum(), masked.abs().sum()
+    tiny = (before < eps) | (after < eps)
+    return masked * torch.where(tiny, torch.ones_like(before), before / after)
+
+
+def magnitude(delta: Tensor, density: float, rescale: bool, generator: Gen = None) -> Tensor:
+    """TIES pruning: keep the ``max(1, int(density * numel))`` largest ``|delta|`` of the tensor."""
+    if density >= 1:
+        return delta
+    if delta.numel() == 0:
+        return torch.zeros_like(delta)
+    flat = delta.abs().reshape(-1)
+    mask = torch.zeros_like(flat)
+    mask[torch.topk(flat, max(1, int(density * flat.numel())), sorted=False).indices] = 1
+    return _rescaled(delta, mask.view_as(delta), rescale)
+
+
+def bernoulli(delta: Tensor, density: float, rescale: bool, generator: Gen = None) -> Tensor:
+    """DARE: keep each entry with probability ``density``. One ``torch.bernoulli`` over a full
+    probability tensor, as mergekit draws it (so a seeded generator reproduces its CPU masks)."""
+    if density >= 1:
+        return delta
+    mask = torch.bernoulli(torch.full_like(delta, density), generator=generator)
+    return _rescaled(delta, mask, rescale)
+
+
+def magnitude_outliers(
+    delta: Tensor, density: float, rescale: bool, generator: Gen = None, gamma: float = 0.01
+) -> Tensor:
+    """Breadcrumbs: drop the top ``int(gamma * n)`` magnitudes (outliers) and enough of the smallest
+    to keep exactly ``int(density * n)`` entries (no max(1, .) here). When ``density + gamma`` > 1
+    mergekit drops fewer outliers rather than fewer small ones; at density 1 nothing is dropped."""
+    if density >= 1:
+        return delta
+    n = delta.numel()
+    keep, top = int(density * n), int(gamma * n)
+    bottom = max(0, n - keep - top)
+    order = torch.argsort(delta.abs().reshape(-1))
+    mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
+    mask[order[bottom : bottom + keep]] = 1
+    return _rescaled(delta, mask.view_as(delta), rescale)
+
+
+def della_magprune(
+    delta: Tensor, density: float, rescale: bool, generator: Gen = None, epsilon: float = 0.15
+) -> Tensor:
+    """DELLA: per row (dim 1; a 1-D tensor is one row) keep entry j with probability
+    ``density - eps + 2 eps * rank_j / (n - 1)``, rank 0 the smallest ``|delta|``; the L1 rescale is
+    over the whole tensor. A row of one entry gets ``density`` (mergekit divides 0 by 0 there)."""
+    if density >= 1:
+        return delta
+    rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
+    n = rows.shape[1]
+    ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(rows.dtype)
+    rank_norm = ranks / (n - 1) if n > 1 else torch.full_like(rows, 0.5)
+    probs = (density - epsilon) + rank_norm * 2 * epsilon
+    mask = torch.bernoulli(probs, generator=generator)
+    return _rescaled(rows, mask, rescale).reshape(delta.shape)
+
+
+Sparsifier = Callable[..., Tensor]
+
+
+# --------------------------------------------------------------------------------------------
+# Method functions. They receive validated inputs in the compute dtype.
+
+
+def _task_arithmetic_family(
+    base: Tensor,
+    deltas: Tensor,
+    model_params: PerModel,
+    global_params: Globals,
+    generator: Gen,
+    *,
+    sparsifier: Sparsifier | None,
+    sign_consensus: bool,
+) -> Tensor:
+    """mergekit's GeneralizedTaskArithmeticMerge: sparsify each delta, weight it, combine (plain sum,
+    or TIES sign election + disjoint sum), divide by the weight sum only when ``normalize``, scale
+    by ``lambda``, add to the base. Plain task arithmetic is one tensordot, no per-model copies."""
+    k = deltas.shape[0]
+    if k == 0:
+        return base.clone()
+    if sparsifier is not None:
+        pruned = torch.empty_like(deltas)
+        extra = [p for p in ("gamma", "epsilon") if p in model_params]
+        for i in range(k):
+            kwargs = {p: model_params[p][i] for p in extra}
+            density = model_params["density"][i]
+            pruned[i] = sparsifier(deltas[i], density, global_params["rescale"], generator, **kwargs)
+        deltas = pruned
+    weights = torch.tensor(model_params["weight"], dtype=deltas.dtype, device=deltas.device)
+    if sign_consensus:
+        w = weights.view(k, *([1] * (deltas.dim() - 1)))
+        weighted = deltas * w
+        # Majority sign = sign of the weighted sum, zero counting as +; an entry survives when its
+        # weighted sign equals it (zeros never do). int8_mask only changes the sign tensors' dtype.
+        sign_dtype = torch.int8 if global_params["int8_mask"] else deltas.dtype
+        majority = (weighted.sum(dim=0) >= 0).to(sign_dtype) * 2 - 1
+        mask = weighted.sign().to(sign_dtype) == majority
+        mixed = weighted.mul_(mask).sum(dim=0)
+        divisor = (w * mask).sum(dim=0)
+        divisor.masked_fill_(divisor == 0, 1)
+    else:
+        mixed = torch.tensordot(weights, deltas, dims=1)
+        total = weights.sum()
+        divisor = torch.where(total.abs() < 1e-8, torch.ones_like(total), total)
+    if global_params["normalize"]:
+        mixed.div_(divisor)
+    if global_params["lambda"] != 1:
+        mixed.mul_(global_params["lambda"])
+    return base + mixed
+
+
+def _linear(
+    base: Tensor | None, tensors: Tensor, model_params: PerModel, global_params: Globals, generator: Gen
+) -> Tensor:
+    """sum(w_i x_i), divided by sum(w_i) when ``normalize``. mergekit does not guard a zero sum."""
+    weights = torch.tensor(model_params["weight"], dtype=tensors.dtype, device=tensors.device)
+    out = torch.tensordot(weights, tensors, dims=1)
+    return out.div_(weights.sum()) if global_params["normalize"] else out
+
+
+def _slerp(
+    base: Tensor, deltas: Tensor, model_params: PerModel, global_params: Globals, generator: Gen
+) -> Tensor:
+    """mergekit's slerp over the whole flattened tensor: the angle comes from copies normalised
+    with norms floored at 1e-8 (a norm <= eps is replaced by 1); |cos| > 0.9995 falls back to lerp;
+    the coefficients multiply the unnormalised tensors. t = 0 gives the base."""
+    if deltas.shape[0] != 1:
+        raise ValueError(f"slerp merges the base with exactly one other model; got {deltas.shape[0]} others")
+    eps, threshold = 1e-8, 0.9995
+    v0 = base.reshape(-1)
+    v1 = (base + deltas[0]).reshape(-1)
+    t = torch.tensor(global_params["t"], dtype=v0.dtype, device=v0.device)
+    if v0.numel() == 0:
+        return base.clone()
+    n0, n1 = torch.linalg.vector_norm(v0), torch.linalg.vector_norm(v1)
+    n0 = torch.where(n0 > eps, n0, torch.ones_like(n0))
+    n1 = torch.where(n1 > eps, n1, torch.ones_like(n1))
+    dot = ((v0 / n0) * (v1 / n1)).sum().clamp(-1, 1)
+    linear = dot.abs() > threshold
+    theta = torch.acos(torch.where(linear, torch.zeros_like(dot), dot))
+    sin_theta = torch.sin(theta)
+    c0 = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
+    c1 = torch.where(linear, t, torch.sin(t * theta) / sin_theta)
+    return (c0 * v0 + c1 * v1).reshape(base.shape)
+
+
+def _model_stock(
+    base: Tensor, deltas: Tensor, model_params: PerModel, global_params: Globals, generator: Gen
+) -> Tensor:
+    """Model Stock: t = N cos / (1 + (N - 1) cos), cos the mean pairwise cosine of the task vectors
+    (norm product floored at 1e-6, each cosine clamped to [-1, 1]); result t * mean(models) +
+    (1 - t) * base = base + t * mean(deltas). mergekit requires N >= 2 (min_inputs=3 with the base),
+    keeps the base (t = 0) where |1 + (N - 1) cos| < 1e-6, and with ``filter_wise`` computes t per
+    row (last axis), a 1-D tensor being one row."""
+    n = deltas.shape[0]
+    if n < 2:
+        raise ValueError(f"model_stock needs at least 2 models besides the base; got {n}")
+    if global_params["filter_wise"]:
+        d = deltas.reshape(n, 1, -1) if base.dim() <= 1 else deltas
+    else:
+        d = deltas.reshape(n, -1)
+    norms = torch.linalg.vector_norm(d, dim=-1)
+    cosines = [
+        ((d[i] * d[j]).sum(dim=-1) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)
+        for i in range(n)
+        for j in range(i + 1, n)
+    ]
+    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    denominator = 1 + (n - 1) * cos
+    singular = denominator.abs() < 1e-6
+    safe = torch.where(singular, torch.ones_like(cos), denominator)
+    t = torch.where(singular, torch.zeros_like(cos), n * cos / safe)
+    return base + (t * (d.sum(dim=0) / n)).reshape(base.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+
+
+def _ta_method(
+    name: str, sparsifier: Sparsifier | None, sign: bool, normalize: bool, rescale: bool, **extra: float
+) -> MergeMethod:
+    return MergeMethod(
+        name=name,
+        fn=partial(_task_arithmetic_family, sparsifier=sparsifier, sign_consensus=sign),
+        inputs="deltas",
+        needs_base=True,
+        model_params=MappingProxyType({"weight": None, "density": 1.0, **extra}),
+        global_params=MappingProxyType(
+            {"normalize": normalize, "rescale": rescale, "lambda": 1.0, "int8_mask": False}
+        ),
+        randomized=sparsifier in (bernoulli, della_magprune),
+    )
+
+
+METHODS: dict[str, MergeMethod] = {
+    m.name: m
+    for m in (
+        MergeMethod("linear", _linear, "tensors", False, MappingProxyType({"weight": None}),
+                    MappingProxyType({"normalize": True}), False),
+        _ta_method("task_arithmetic", None, sign=False, normalize=False, rescale=False),
+        _ta_method("ties", magnitude, sign=True, normalize=True, rescale=False),
+        _ta_method("dare_ties", bernoulli, sign=True, normalize=False, rescale=True),
+        _ta_method("dare_linear", bernoulli, sign=False, normalize=False, rescale=True),
+        _ta_method("breadcrumbs", magnitude_outliers, sign=False, normalize=False, rescale=False, gamma=0.01),
+        _ta_method("breadcrumbs_ties", magnitude_outliers, sign=True, normalize=False, rescale=False,
+                   gamma=0.01),
+        _ta_method("della", della_magprune, sign=True, normalize=True, rescale=True, epsilon=0.15),
+        _ta_method("della_linear", della_magprune, sign=False, normalize=False, rescale=True, epsilon=0.15),
+        MergeMethod("slerp", _slerp, "deltas", True, MappingProxyType({}),
+                    MappingProxyType({"t": None}), False),
+        MergeMethod("model_stock", _model_stock, "deltas", True, MappingProxyType({}),
+                    MappingProxyType({"filter_wise": False}), False),
+    )
+}
+
+
+def get_method(name: str) -> MergeMethod:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown merge method {name!r}; known: {', '.join(sorted(METHODS))}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Validation and the public entry points
+
+
+def _check_model_params(method: MergeMethod, params: Mapping[str, Sequence[float]], k: int) -> PerModel:
+    unknown = set(params) - set(method.model_params)
+    if unknown:
+        allowed = ", ".join(method.model_params) or "none"
+        raise ValueError(
+            f"{method.name}: unknown per-model parameter(s) {sorted(unknown)}; allowed: {allowed}"
+        )
+    out: dict[str, list[float]] = {}
+    for name, default in method.model_params.items():
+        if name not in params:
+            if default is None:
+                raise ValueError(
+                    f"{method.name}: per-model parameter {name!r} is required (one value per model)"
+                )
+            out[name] = [float(default)] * k
+            continue
+        values = [float(v) for v in params[name]]
+        if len(values) != k:
+            raise ValueError(f"{method.name}: {name!r} has {len(values)} values for {k} models")
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"{method.name}: {name!r} must be finite; got {values}")
+        out[name] = values
+    if "density" in out and not all(0 < d <= 1 for d in out["density"]):
+        raise ValueError(f"{method.name}: density must be in (0, 1]; got {out['density']}")
+    if "gamma" in out and not all(0 <= g <= 1 for g in out["gamma"]):
+        raise ValueError(f"{method.name}: gamma must be in [0, 1]; got {out['gamma']}")
+    if "epsilon" in out:
+        for d, e in zip(out["density"], out["epsilon"]):
+            if d < 1 and not (0 < d - e and d + e < 1):
+                raise ValueError(
+                    f"{method.name}: density +/- epsilon must lie in (0, 1) (mergekit's rule); "
+                    f"got density {d}, epsilon {e}"
+                )
+    return out
+
+
+def _check_global_params(method: MergeMethod, params: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = set(params) - set(method.global_params)
+    if unknown:
+        allowed = ", ".join(method.global_params) or "none"
+        raise ValueError(f"{method.name}: unknown global parameter(s) {sorted(unknown)}; allowed: {allowed}")
+    out = dict(method.global_params)
+    out.update(params)
+    for name, default in method.global_params.items():
+        value = out[name]
+        if value is None:
+            raise ValueError(f"{method.name}: global parameter {name!r} is required")
+        if isinstance(default, bool):
+            if not isinstance(value, (bool, int)) or value not in (0, 1):  # YAML may say 0 / 1
+                raise ValueError(f"{method.name}: {name!r} must be true or false; got {value!r}")
+            out[name] = bool(value)
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{method.name}: {name!r} must be a number; got {value!r}")
+    return out
+
+
+def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
+    for x in tensors:
+        if x is not None and not x.is_floating_point():
+            raise TypeError(f"merging needs floating-point tensors; got {x.dtype}")
+    wide = any(x is not None and x.dtype == torch.float64 for x in tensors)
+    return torch.float64 if wide else torch.float32
+
+
+def merge_tensor(
+    method: MergeMethod,
+    base: Tensor | None,
+    stack: Tensor,
+    model_params: Mapping[str, Sequence[float]],
+    global_params: Mapping[str, Any],
+    generator: Gen = None,
+) -> Tensor:
+    """Merge one tensor. ``stack`` is (k, *shape); ``model_params[name]`` holds k values aligned
+    with it. Returns the base's dtype (the stack's when there is no base)."""
+    if method.needs_base and base is None:
+        raise ValueError(f"{method.name} needs a base model; set base_model")
+    if stack.dim() < 1:
+        raise ValueError("stack must have a leading model axis: shape (k, *tensor_shape)")
+    k = stack.shape[0]
+    if base is not None and base.shape != stack.shape[1:]:
+        raise ValueError(
+            f"{method.name}: base has shape {tuple(base.shape)} but the stack holds {tuple(stack.shape[1:])}"
+        )
+    if method.inputs == "tensors" and k == 0:
+        raise ValueError(f"{method.name} needs at least one model")
+    mp = _check_model_params(method, model_params, k)
+    gp = _check_global_params(method, global_params)
+    if method.randomized:
+        if generator is None:
+            raise ValueError(
+                f"{method.name} is randomized: pass a torch.Generator seeded per candidate and tensor"
+            )
+        if generator.device.type != stack.device.type:
+            raise ValueError(f"generator is on {generator.device} but the tensors are on {stack.device}")
+    dtype = _compute_dtype(base, stack)
+    out_dtype = base.dtype if base is not None else stack.dtype
+    base_c = base.to(dtype) if base is not None else None
+    result = method.fn(base_c, stack.to(dtype), mp, gp, generator)
+    return result.to(out_dtype)
+
+
+def linear_from_deltas(
+    base: Tensor, deltas: Tensor, base_weight: float, weights: Sequence[float], normalize: bool = True
+) -> Tensor:
+    """``linear`` over the tensors [base] + [base + d_i] with weights [base_weight] + weights,
+    computed from resident deltas: base + sum(w d) / W when normalising (W = total weight), else
+    W * base + sum(w d). ``base_weight = 0`` means the base is not one of the merged models."""
+    if base.shape != deltas.shape[1:]:
+        raise ValueError(
+            f"linear: base has shape {tuple(base.shape)} but the deltas hold {tuple(deltas.shape[1:])}"
+        )
+    if len(weights) != deltas.shape[0]:
+        raise ValueError(f"linear: {len(weights)} weights for {deltas.shape[0]} deltas")
+    dtype = _compute_dtype(base, deltas)
+    b = base.to(dtype)
+    w = torch.tensor([float(x) for x in weights], dtype=dtype, device=deltas.device)
+    mixed = torch.tensordot(w, deltas.to(dtype), dims=1)
+    total = w.sum() + float(base_weight)
+    out = b + mixed.div_(total) if normalize else b * total + mixed
+    return out.to(base.dtype)
