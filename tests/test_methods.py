@@ -526,3 +526,30 @@ def test_evaluate_setting_matches_mergekit():
             for t in (0.0, 0.2, 1 / 3, 0.5, 0.9, 1.0):
                 expected = config.evaluate_setting(name, theirs, t, validate=lambda v: v)
                 assert evaluate_setting(setting, name, t) == expected
+
+
+def test_fast_rng_masks_follow_the_law_and_the_seed():
+    from evomerge.merge.methods import FastRng, bernoulli, della_magprune
+
+    d = torch.randn(400, 500)
+    a = bernoulli(d, 0.3, rescale=False, generator=FastRng(5))
+    b = bernoulli(d, 0.3, rescale=False, generator=FastRng(5))
+    c = bernoulli(d, 0.3, rescale=False, generator=FastRng(6))
+    kept = (a != 0).float().mean().item()
+    assert abs(kept - 0.3) < 0.01  # 200k Bernoulli(0.3) draws: sd 0.001
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a[a != 0], d[a != 0])  # kept entries untouched without rescale
+    r = bernoulli(d, 0.3, rescale=True, generator=FastRng(5))
+    torch.testing.assert_close(r.abs().sum(), d.abs().sum())
+    # DELLA through the same sampler: larger magnitudes are kept more often
+    m = della_magprune(d, 0.5, rescale=False, generator=FastRng(1), epsilon=0.3)
+    big = d.abs() > d.abs().median()
+    assert (m[big] != 0).float().mean() > (m[~big] != 0).float().mean() + 0.1
+
+
+def test_magnitude_keeps_exactly_k_with_ties():
+    from evomerge.merge.methods import magnitude
+
+    d = torch.tensor([3.0, -1.0, 1.0, 1.0, 0.5, -1.0, 2.0, 0.0])
+    out = magnitude(d, 0.5, rescale=False)  # k = 4: 3, 2 and the first two of the tied 1s
+    assert torch.equal(out, torch.tensor([3.0, -1.0, 1.0, 0.0, 0.0, 0.0, 2.0, 0.0]))

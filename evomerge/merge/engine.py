@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from evomerge.checkpoint import TensorReader, resolve_model_path
 from evomerge.merge.config import MergeConfig
-from evomerge.merge.methods import linear_from_deltas, merge_tensor
+from evomerge.merge.methods import FastRng, linear_from_deltas, merge_tensor
 from evomerge.merge.plan import MergeError, Sources, _check_architectures, _tensor_names, check_recipe, tensor_params
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -121,7 +121,7 @@ class MergeEngine:
             if method.inputs == "deltas":
                 gen = None
                 if method.randomized:
-                    gen = torch.Generator(device=self.device).manual_seed(tensor_seed(recipe.evomerge.seed, name))
+                    gen = FastRng(tensor_seed(recipe.evomerge.seed, name), self.device)
                 merged = merge_tensor(method, self.base[name], stack, per_model, glob, gen)
             else:
                 w = dict(zip(inputs.inputs, per_model["weight"]))

@@ -16,7 +16,7 @@ import torch
 from evomerge.checkpoint import TensorReader, copy_tokenizer, write_sharded
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.engine import as_dtype, tensor_seed
-from evomerge.merge.methods import merge_tensor
+from evomerge.merge.methods import FastRng, merge_tensor
 from evomerge.merge.plan import MergeError, Sources, check_config, tensor_params
 
 
@@ -49,7 +49,7 @@ def merge_to_disk(config: MergeConfig, out: str | Path, *, allow_pickle: bool = 
                 stack = torch.stack([raw[m] for m in inputs.inputs])
             gen = None
             if method.randomized:
-                gen = torch.Generator(device=device).manual_seed(tensor_seed(config.evomerge.seed, name))
+                gen = FastRng(tensor_seed(config.evomerge.seed, name), device)
             merged = merge_tensor(method, base, stack, per_model, glob, gen)
             if out_dtype is not None:
                 merged = merged.to(out_dtype)

@@ -18,10 +18,60 @@ from functools import partial
 from types import MappingProxyType
 from typing import Any, Callable, Literal, Mapping, Sequence
 
+import numpy as np
 import torch
 
 Tensor = torch.Tensor
-Gen = torch.Generator | None
+
+
+class FastRng:
+    """Seeded draws for the random sparsifiers, much faster than ``torch.bernoulli`` on a CPU.
+
+    The CPU torch generator (Mersenne Twister) makes DARE's masks the most expensive part of a
+    candidate (24 ms for 2M entries here); numpy's PCG64 fills the same mask from raw 16-bit draws
+    in under 2 ms. Keep probabilities are quantized to 1/65536, far below anything a merge can feel.
+    On CUDA the draws come from a torch (Philox) generator on the device. The engine makes one
+    ``FastRng`` per (candidate seed, tensor), so a recipe always gives the same weights on a given
+    device type. A plain ``torch.Generator`` is still accepted everywhere and then draws exactly as
+    mergekit does (``torch.bernoulli``), which the tests use to compare masks with mergekit.
+    """
+
+    def __init__(self, seed: int, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        if self.device.type == "cpu":
+            self._np = np.random.Generator(np.random.PCG64(seed))
+        else:
+            self._torch = torch.Generator(device=self.device).manual_seed(seed)
+
+    def bernoulli(self, probs: Tensor | float, like: Tensor) -> Tensor:
+        """A 0/1 mask shaped like ``like`` (its dtype), entry j kept with probability ``probs[j]``."""
+        if self.device.type != "cpu":
+            u = torch.rand(like.shape, generator=self._torch, device=self.device, dtype=torch.float32)
+            return (u < probs).to(like.dtype)
+        raw = np.frombuffer(self._np.bytes(2 * like.numel()), dtype=np.uint16).reshape(like.shape)
+        if isinstance(probs, Tensor):
+            u = torch.from_numpy(raw.astype(np.float32)).add_(0.5).div_(65536.0)
+            return (u < probs.cpu()).to(like.dtype)
+        return torch.from_numpy(raw < min(65536, round(probs * 65536))).to(like.dtype)
+
+
+Gen = torch.Generator | FastRng | None
+
+
+def _bernoulli_mask(probs: Tensor | float, like: Tensor, generator: Gen) -> Tensor:
+    if isinstance(generator, FastRng):
+        return generator.bernoulli(probs, like)
+    full = probs if isinstance(probs, Tensor) else torch.full_like(like, probs)
+    return torch.bernoulli(full, generator=generator)
+
+
+def _kth_largest(values: Tensor, k: int) -> Tensor:
+    """The k-th largest entry of a 1-D tensor: numpy's introselect on CPU (O(n), about 20x faster
+    than ``torch.topk`` here), ``topk`` on accelerators."""
+    if values.device.type == "cpu":
+        arr = values.numpy()
+        return torch.tensor(np.partition(arr, arr.size - k)[arr.size - k], dtype=values.dtype)
+    return torch.topk(values, k, sorted=False).values.min()
 PerModel = dict[str, list[float]]  # per-model parameter -> one value per row of the stack
 Globals = dict[str, Any]
 
@@ -62,18 +112,22 @@ def magnitude(delta: Tensor, density: float, rescale: bool, generator: Gen = Non
     if delta.numel() == 0:
         return torch.zeros_like(delta)
     flat = delta.abs().reshape(-1)
-    mask = torch.zeros_like(flat)
-    mask[torch.topk(flat, max(1, int(density * flat.numel())), sorted=False).indices] = 1
-    return _rescaled(delta, mask.view_as(delta), rescale)
+    k = max(1, int(density * flat.numel()))
+    threshold = _kth_largest(flat, k)
+    mask = flat > threshold
+    short = k - int(mask.sum())
+    if short > 0:  # entries equal to the threshold fill the remaining places, in index order
+        mask[torch.nonzero(flat == threshold).reshape(-1)[:short]] = True
+    return _rescaled(delta, mask.view_as(delta).to(delta.dtype), rescale)
 
 
 def bernoulli(delta: Tensor, density: float, rescale: bool, generator: Gen = None) -> Tensor:
-    """DARE: keep each entry with probability ``density``. One ``torch.bernoulli`` over a full
-    probability tensor, as mergekit draws it (so a seeded generator reproduces its CPU masks)."""
+    """DARE: keep each entry with probability ``density`` (with a ``torch.Generator`` one
+    ``torch.bernoulli`` over a full probability tensor, as mergekit draws it, so a seeded generator
+    reproduces its CPU masks; with a ``FastRng`` the same law, drawn faster)."""
     if density >= 1:
         return delta
-    mask = torch.bernoulli(torch.full_like(delta, density), generator=generator)
-    return _rescaled(delta, mask, rescale)
+    return _rescaled(delta, _bernoulli_mask(density, delta, generator), rescale)
 
 
 def magnitude_outliers(
@@ -106,8 +160,7 @@ def della_magprune(
     ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(rows.dtype)
     rank_norm = ranks / (n - 1) if n > 1 else torch.full_like(rows, 0.5)
     probs = (density - epsilon) + rank_norm * 2 * epsilon
-    mask = torch.bernoulli(probs, generator=generator)
-    return _rescaled(rows, mask, rescale).reshape(delta.shape)
+    return _rescaled(rows, _bernoulli_mask(probs, rows, generator), rescale).reshape(delta.shape)
 
 
 Sparsifier = Callable[..., Tensor]
@@ -371,7 +424,7 @@ def merge_tensor(
     if method.randomized:
         if generator is None:
             raise ValueError(
-                f"{method.name} is randomized: pass a torch.Generator seeded per candidate and tensor"
+                f"{method.name} is randomized: pass a FastRng (or torch.Generator) seeded per candidate and tensor"
             )
         if generator.device.type != stack.device.type:
             raise ValueError(f"generator is on {generator.device} but the tensors are on {stack.device}")

@@ -1,0 +1,203 @@
+"""Time to produce one merge candidate: evomerge's in-memory engine vs mergekit.
+
+For each model set (the zoo, and a larger randomly initialised Llama made locally) and each method,
+prints seconds per candidate for
+  - evomerge ``MergeEngine.materialize`` (sources resident, one preallocated model),
+  - mergekit's Python API (``run_merge``; import time excluded, load + merge + write included),
+  - mergekit's CLI (``mergekit-yaml``; everything a user waits for),
+the ratio to the engine, and the engine's effective bandwidth (bytes read + written per second,
+counting each resident input once and the output once) against a memcpy measured in this run.
+
+    python scripts/bench_merge.py                 # zoo + a ~300M-parameter model
+    python scripts/bench_merge.py --skip-large --reps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from evomerge.merge.config import MergeConfig
+from evomerge.merge.engine import MergeEngine
+
+METHODS = {
+    "linear": lambda names: {"merge_method": "linear", "models": [
+        {"model": n, "parameters": {"weight": 1.0}} for n in names]},
+    "task_arithmetic": lambda names: {"merge_method": "task_arithmetic", "base_model": names[0], "models": [
+        {"model": n, "parameters": {"weight": [0.3, 0.6]}} for n in names[1:]]},
+    "ties": lambda names: {"merge_method": "ties", "base_model": names[0], "models": [
+        {"model": n, "parameters": {"weight": 0.5, "density": 0.5}} for n in names[1:]]},
+    "dare_ties": lambda names: {"merge_method": "dare_ties", "base_model": names[0], "models": [
+        {"model": n, "parameters": {"weight": 0.5, "density": 0.5}} for n in names[1:]]},
+}
+
+
+def memcpy_bandwidth(nbytes: int = 1 << 29, reps: int = 5) -> float:
+    """Bytes read + written per second by a plain tensor copy (best of ``reps``)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best
+
+
+def make_large(root: Path, hidden: int, layers: int, n_experts: int, dtype: torch.dtype) -> dict[str, Path]:
+    """A random Llama base and ``n_experts`` nudged copies of it, saved as HF checkpoints."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from evomerge.zoo.tokenizer import char_tokenizer
+
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=int(hidden * 2.75),
+                      num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(dtype)
+    paths = {}
+    tok = char_tokenizer()
+    for i, name in enumerate(["base"] + [f"expert{j}" for j in range(n_experts)]):
+        if i:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p) * 1e-3)
+        paths[name] = root / name
+        model.save_pretrained(paths[name])
+        tok.save_pretrained(paths[name])
+    return paths
+
+
+def time_engine(engine: MergeEngine, recipe: MergeConfig, reps: int) -> float:
+    engine.materialize(recipe)  # warm-up
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        engine.materialize(recipe)
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def time_mergekit_api(cfg: dict, out: Path, reps: int) -> float:
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    config = MergeConfiguration.model_validate(cfg)
+    times = []
+    for _ in range(reps):
+        shutil.rmtree(out, ignore_errors=True)
+        t = time.perf_counter()
+        run_merge(config, str(out), options=MergeOptions(quiet=True, write_model_card=False, random_seed=0))
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def time_mergekit_cli(cfg: dict, work: Path) -> float:
+    path = work / "cfg.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = work / "cli-out"
+    shutil.rmtree(out, ignore_errors=True)
+    exe = shutil.which("mergekit-yaml") or str(Path(sys.executable).parent / "mergekit-yaml")
+    t = time.perf_counter()
+    subprocess.run([exe, str(path), str(out), "--quiet", "--no-write-model-card"], check=True, capture_output=True)
+    return time.perf_counter() - t
+
+
+def bench_set(label: str, paths: dict[str, Path], reps: int, mk_reps: int, work: Path, memcpy: float,
+              dtype: torch.dtype | None) -> list[dict]:
+    names = list(paths)
+    t = time.perf_counter()
+    engine = MergeEngine(paths, base=names[0], dtype=dtype)
+    load = time.perf_counter() - t
+    n_params = sum(p.numel() for p in engine.model.parameters())
+    model_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    print(f"\n== {label}: {n_params / 1e6:.1f}M parameters x {len(names)} models, "
+          f"{engine.dtype}; engine load {load:.2f} s, resident {engine.resident_bytes() / 1e9:.2f} GB")
+    rows = []
+    try:
+        import mergekit  # noqa: F401
+        have_mergekit = True
+    except ImportError:
+        have_mergekit = False
+        print("mergekit not installed: pip install -e '.[bench]' for the comparison")
+    for method, make in METHODS.items():
+        cfg = make(names)
+        ours = time_engine(engine, MergeConfig.model_validate(cfg), reps)
+        inputs = len(names) if method == "linear" else len(names)  # base + k sources read, one output written
+        traffic = (inputs + 1) * model_bytes
+        row = {"set": label, "method": method, "engine_s": ours, "bandwidth": traffic / ours,
+               "pct_memcpy": 100 * traffic / ours / memcpy}
+        if have_mergekit:
+            file_cfg = {**cfg, "models": [{**m, "model": str(paths[m["model"]])} for m in cfg["models"]]}
+            if "base_model" in cfg:
+                file_cfg["base_model"] = str(paths[cfg["base_model"]])
+            if dtype is not None:
+                file_cfg["dtype"] = str(dtype).replace("torch.", "")
+            row["mergekit_api_s"] = time_mergekit_api(file_cfg, work / "api-out", mk_reps)
+            row["mergekit_cli_s"] = time_mergekit_cli(file_cfg, work)
+        rows.append(row)
+        line = (f"{method:16s} engine {ours * 1e3:9.1f} ms  {row['bandwidth'] / 1e9:6.2f} GB/s "
+                f"({row['pct_memcpy']:5.1f}% of memcpy)")
+        if have_mergekit:
+            line += (f" | mergekit API {row['mergekit_api_s']:7.2f} s ({row['mergekit_api_s'] / ours:7.1f}x)"
+                     f" | CLI {row['mergekit_cli_s']:7.2f} s ({row['mergekit_cli_s'] / ours:7.1f}x)")
+        print(line, flush=True)
+    del engine
+    return rows
+
+
+def to_markdown(rows: list[dict], memcpy: float, command: str) -> str:
+    lines = [f"Command: `{command}`", "", f"memcpy bandwidth (read + write): {memcpy / 1e9:.2f} GB/s", "",
+             "| model | method | engine | bandwidth (% memcpy) | mergekit API | x | mergekit CLI | x |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        api, cli = r.get("mergekit_api_s"), r.get("mergekit_cli_s")
+        lines.append(f"| {r['set']} | {r['method']} | {r['engine_s'] * 1e3:.1f} ms | "
+                     f"{r['bandwidth'] / 1e9:.2f} GB/s ({r['pct_memcpy']:.0f}%) | "
+                     + (f"{api:.2f} s | {api / r['engine_s']:.0f}x | {cli:.2f} s | {cli / r['engine_s']:.0f}x |"
+                        if api else "- | - | - | - |"))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--mergekit-reps", type=int, default=2)
+    ap.add_argument("--skip-large", action="store_true")
+    ap.add_argument("--large-hidden", type=int, default=1024)
+    ap.add_argument("--large-layers", type=int, default=16)
+    ap.add_argument("--large-dtype", default="bfloat16")
+    ap.add_argument("--markdown", type=Path, help="also write the table to this file")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    memcpy = memcpy_bandwidth()
+    print(f"memcpy bandwidth (read + write): {memcpy / 1e9:.2f} GB/s; torch threads {torch.get_num_threads()}")
+    from evomerge.zoo import ensure_zoo
+
+    zoo = ensure_zoo()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        rows += bench_set("zoo (fp32)", {"base": zoo.base, **zoo.experts}, args.reps, args.mergekit_reps, work,
+                          memcpy, None)
+        if not args.skip_large:
+            dtype = getattr(torch, args.large_dtype)
+            paths = make_large(work / "large", args.large_hidden, args.large_layers, 3, dtype)
+            rows += bench_set(f"llama {args.large_hidden}x{args.large_layers} ({args.large_dtype})", paths,
+                              max(2, args.reps // 4), 1, work, memcpy, dtype)
+    if args.markdown:
+        args.markdown.write_text(to_markdown(rows, memcpy, "python " + " ".join(sys.argv)))
+
+
+if __name__ == "__main__":
+    main()
