@@ -38,6 +38,11 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from evomerge.checkpoint import copy_tokenizer, resolve_model_path, write_sharded
 
+try:  # transformers >= 5 records hidden states / attentions with hooks feeding this context variable
+    from transformers.utils.output_capturing import _active_collector as _OUTPUT_COLLECTOR
+except ImportError:  # pragma: no cover - older transformers
+    _OUTPUT_COLLECTOR = None
+
 # Residual writes per layer family: (attention output projection, MLP output projection), as module
 # names relative to one decoder layer. Folding divides their weights and biases.
 RESIDUAL_WRITES: tuple[tuple[str, str], ...] = (
@@ -180,7 +185,11 @@ class LayerPlan:
             text = Path(text_or_path).read_text()
         else:
             text = str(text_or_path)
-        return cls.from_dict(yaml.safe_load(text))
+        data = yaml.safe_load(text)
+        if not isinstance(data, Mapping):
+            raise DFSError(f"{str(text_or_path)[:80]!r} is neither a YAML file nor YAML text with a "
+                           "'layer_plan:' mapping")
+        return cls.from_dict(data)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -233,6 +242,8 @@ def decode_dfs(inclusion: np.ndarray, scales: np.ndarray, pool: Sequence[tuple[s
     if scales.size != n_scale:
         raise DFSError(f"{scales.size} scale genes; scale_mode '{scale_mode}' with M={m_total}, "
                        f"r={repeats} needs {n_scale}")
+    if not (np.isfinite(inclusion).all() and np.isfinite(scales).all()):
+        raise DFSError("the genome has NaN or infinite genes; check the searcher's output and bounds")
     if not 1 <= min_layers <= max_layers:
         raise DFSError(f"min_layers={min_layers}, max_layers={max_layers}; need 1 <= min_layers <= max_layers")
     kept = _select_slots(inclusion, min_layers, max_layers)
@@ -341,6 +352,10 @@ class ScaledLayer(nn.Module):
     and the layer itself where it keeps one) and restores the original values afterwards. The source
     models are untouched between calls; calls run one after another, as a forward pass does.
     Attributes the host model reads from a layer (``attention_type``...) pass through to it.
+
+    Output recording (``output_hidden_states``): hooks that the sources may carry on their own layers
+    are silenced during the call, and the DFS model records one hidden state per hop on the wrapper
+    instead (see ``_record_hidden_states_on_hops``). Attention weights are not recorded.
     """
 
     def __init__(self, layer: nn.Module, scale: float, position: int):
@@ -356,9 +371,12 @@ class ScaledLayer(nn.Module):
         saved = [m.layer_idx for m in self._indexed]
         for m in self._indexed:
             m.layer_idx = self.position
+        token = _OUTPUT_COLLECTOR.set(None) if _OUTPUT_COLLECTOR is not None else None
         try:
             return self.layer(hidden_states, *args, **kwargs)
         finally:
+            if token is not None:
+                _OUTPUT_COLLECTOR.reset(token)
             for m, idx in zip(self._indexed, saved):
                 m.layer_idx = idx
 
@@ -398,6 +416,7 @@ def build_dfs_model(plan: LayerPlan, models: Mapping[str, PreTrainedModel]) -> P
     if leftover:
         raise DFSError(f"{type(host).__name__}: tensors {leftover[:5]} are not shared from the host; "
                        "this architecture keeps weights where DFS does not look")
+    _record_hidden_states_on_hops(shell, path, hops)
     if getattr(host, "generation_config", None) is not None:
         shell.generation_config = copy.deepcopy(host.generation_config)
     shell.train(host.training)
@@ -418,6 +437,32 @@ def _graft(shell: nn.Module, host: nn.Module, path: list[str], layers: nn.Module
             shell._modules[name] = layers
         else:
             _graft(shell._modules[name], host._modules[name], path[1:], layers)
+
+
+def _record_hidden_states_on_hops(shell: nn.Module, path: str, hops: nn.ModuleList) -> None:
+    """Make ``output_hidden_states`` report one state per hop, without hooking the sources.
+
+    transformers >= 5 records hidden states with forward hooks that it installs, on first request, on
+    every decoder-layer instance under the model. Under a DFS model those instances are the sources'
+    own (shared) layers: a layer used twice would be hooked twice and record twice, and the hooks
+    would stay on the source models. So the DFS model's own modules on the path to the layer list
+    are marked as already hooked, and the recording hook goes on each hop's wrapper instead (the
+    wrapper silences any hook inside the shared layer). With a transformers that records
+    differently, nothing is done here.
+    """
+    from transformers.utils import output_capturing
+
+    install = getattr(output_capturing, "install_output_capuring_hook", None) or getattr(
+        output_capturing, "install_output_capturing_hook", None)
+    if install is None:
+        return
+    parts = path.split(".")
+    for depth in range(len(parts)):
+        module = shell.get_submodule(".".join(parts[:depth]))
+        if isinstance(module, PreTrainedModel):
+            module._output_capturing_hooks_installed = True
+    for hop in hops:
+        install(hop, "hidden_states", 0)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -91,6 +91,8 @@ def test_plan_yaml_round_trip_keeps_members_and_merge_configs(tmp_path):
     assert LayerPlan.from_dict({"host": "a", "layers": [["a", 2]]}).scales == [1.0]
     with pytest.raises(DFSError, match="unknown layer_plan keys"):
         LayerPlan.from_dict({"host": "a", "layers": [["a", 0]], "scale": 2})
+    with pytest.raises(DFSError, match="neither a YAML file"):
+        LayerPlan.from_yaml(str(tmp_path / "missing.yml"))
     with pytest.raises(DFSError, match=r"layers\[0\] = 'a'"):
         LayerPlan.from_dict({"host": "a", "layers": ["a"]})
 
@@ -149,6 +151,8 @@ def test_decode_rejects_wrong_gene_counts_and_bad_scales():
         decode_dfs(np.ones(8), np.ones(8), pool, 2, "hop", max_layers=2, min_layers=3)
     with pytest.raises(DFSError, match=r"scales\[0\] = -0.5"):
         decode_dfs(np.ones(8), -0.5 * np.ones(8), pool, 2, "hop", 8)
+    with pytest.raises(DFSError, match="NaN or infinite"):
+        decode_dfs(np.full(8, np.nan), np.ones(8), pool, 2, "hop", 8)
 
 
 # ---------------------------------------------------------------------------------- in-memory models
@@ -251,6 +255,23 @@ def test_tiny_architectures_export_matches_in_memory(arch, tmp_path, tok):
     prompts = [tok(t)["input_ids"] for t in ["R123=", "S9876=", "T11="]]
     gen = lambda m: greedy_generate(m, prompts, 8, tok.eos_token_id, tok.pad_token_id)
     assert gen(model) == gen(exported)
+
+
+def test_hidden_states_are_one_per_hop_and_sources_keep_theirs(zoo_loaded, tok, tmp_path):
+    batch = {"input_ids": torch.tensor([tok("R1234567=")["input_ids"]])}
+    hidden = lambda m: m(**batch, output_hidden_states=True).hidden_states
+    with torch.no_grad():
+        assert len(hidden(zoo_loaded["rev"])) == 5  # the source records through its own hooks first
+        model = build_dfs_model(ZOO_PLAN, zoo_loaded)
+        exported = AutoModelForCausalLM.from_pretrained(export_dfs(ZOO_PLAN, zoo_loaded, tmp_path / "d")).eval()
+        mem, exp = hidden(model), hidden(exported)
+        assert len(mem) == len(exp) == len(ZOO_PLAN) + 1
+        assert len(hidden(zoo_loaded["rev"])) == 5
+    # the exported stream is the in-memory stream divided by the cumulative scale
+    c = cumulative_scales(ZOO_PLAN.scales)
+    assert torch.equal(mem[0], exp[0])
+    for k in range(len(ZOO_PLAN) - 1):
+        torch.testing.assert_close(mem[k + 1] / c[k], exp[k + 1], rtol=1e-4, atol=1e-4)
 
 
 # --------------------------------------------------------------------------------------------- replay
