@@ -46,9 +46,21 @@ def merge(config: Path = typer.Argument(..., exists=True, dir_okay=False, help="
     """Merge models as a mergekit YAML describes and write a loadable checkpoint with its tokenizer."""
     from rich.progress import Progress
 
+    import yaml
+
     from evomerge.merge.config import MergeConfig
     from evomerge.merge.files import merge_to_disk
 
+    data = yaml.safe_load(config.read_text())
+    if isinstance(data, dict) and "layer_plan" in data:  # a DFS layer plan (maybe over a PS merge)
+        from evomerge.dfs import merge_plan_to_disk
+
+        try:
+            merge_plan_to_disk(config, out, allow_pickle=allow_pickle, device=device, max_shard_size=max_shard_size)
+        except ValueError as err:
+            _fail(str(err))
+        console.print(f"[green]wrote[/green] {out}")
+        return
     try:
         cfg = MergeConfig.from_yaml(config)
     except Exception as err:  # pydantic / yaml errors name the bad key

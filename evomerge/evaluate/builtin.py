@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from evomerge.evaluate.base import EvalContext, ItemResponses
-from evomerge.evaluate.generation import greedy_generate
+from evomerge.evaluate.generation import greedy_generate, keep_last_logits
 
 Scorer = Literal["exact_match", "regex", "multiple_choice"]
 SCORERS: tuple[str, ...] = ("exact_match", "regex", "multiple_choice")
@@ -215,8 +215,9 @@ def choice_loglikelihoods(model: torch.nn.Module, tokenizer: Any, items: Sequenc
                           batch_size: int, device: torch.device | str) -> list[np.ndarray]:
     """Summed log-probability of each choice after its prompt: one array per (prompt, choices) pair.
 
-    Every (prompt, choice) sequence is one row; rows are sorted by length and right-padded, so a
-    batch wastes little and positions need no adjusting.
+    Every (prompt, choice) sequence is one row; rows are sorted by length and left-padded (position
+    ids from the mask), so every continuation ends the row and the model need only compute logits
+    for the last few positions instead of batch x length x vocabulary.
     """
     rows = []  # (item index, choice index, context ids, continuation ids)
     for i, (prompt, choices) in enumerate(items):
@@ -227,17 +228,19 @@ def choice_loglikelihoods(model: torch.nn.Module, tokenizer: Any, items: Sequenc
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
-        seqs = [(ctx + cont)[:-1] for _, _, ctx, cont in batch]
+        seqs = [(ctx + cont)[:-1] for _, _, ctx, cont in batch]  # the last token is predicted, not read
         width = max(len(s) for s in seqs)
+        keep = max(len(cont) for *_, cont in batch)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for r, s in enumerate(seqs):
-            ids[r, : len(s)] = torch.as_tensor(s)
-            mask[r, : len(s)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        for r, (i, j, ctx, cont) in enumerate(batch):
-            pos = len(ctx) - 1
-            logp = torch.log_softmax(logits[r, pos : pos + len(cont)].float(), dim=-1)
+            ids[r, width - len(s):] = torch.as_tensor(s)
+            mask[r, width - len(s):] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                       **keep_last_logits(model, keep)).logits[:, -keep:]
+        for r, (i, j, _, cont) in enumerate(batch):
+            logp = torch.log_softmax(logits[r, keep - len(cont):].float(), dim=-1)
             target = torch.as_tensor(cont, device=logp.device)
             out[i][j] = float(logp.gather(-1, target[:, None]).sum())
     return out

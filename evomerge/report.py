@@ -1,0 +1,150 @@
+"""Plots and the run report: what a person looks at after a search.
+
+Pure functions of plain data (lists of dicts, arrays) so that a report can be rebuilt from the run
+store at any time, also while a search is still running.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def write_history_csv(rows: Sequence[dict], path: Path) -> Path:
+    """One row per evaluation: generation, genome hash, fitness, each objective, seconds, status."""
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def plot_fitness(rows: Sequence[dict], path: Path, title: str = "fitness by generation") -> Path:
+    """Best-so-far, generation best and generation median of the scalar fitness."""
+    gens = sorted({r["generation"] for r in rows})
+    best_gen, median, best_so_far, running = [], [], [], -math.inf
+    for g in gens:
+        vals = [r["fitness"] for r in rows if r["generation"] == g and _finite(r.get("fitness"))]
+        best_gen.append(max(vals) if vals else np.nan)
+        median.append(float(np.median(vals)) if vals else np.nan)
+        running = max(running, best_gen[-1]) if vals else running
+        best_so_far.append(running)
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    ax.plot(gens, best_so_far, label="best so far", lw=2)
+    ax.plot(gens, best_gen, label="generation best", alpha=0.7)
+    ax.plot(gens, median, label="generation median", alpha=0.7)
+    ax.set_xlabel("generation")
+    ax.set_ylabel("fitness (estimated accuracy)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def pareto_mask(points: np.ndarray) -> np.ndarray:
+    """Non-dominated rows of ``points`` (maximised)."""
+    n = len(points)
+    keep = np.ones(n, dtype=bool)
+    for i in range(n):
+        if not keep[i]:
+            continue
+        dominated = np.all(points >= points[i], axis=1) & np.any(points > points[i], axis=1)
+        if dominated.any():
+            keep[i] = False
+    return keep
+
+
+def plot_pareto(rows: Sequence[dict], names: Sequence[str], path: Path,
+                references: dict[str, dict[str, float]] | None = None) -> Path:
+    """All candidates on the first two objectives, the front highlighted, reference models marked."""
+    pts = np.array([[r[n] for n in names[:2]] for r in rows if all(_finite(r.get(n)) for n in names[:2])])
+    fig, ax = plt.subplots(figsize=(5.6, 5))
+    if len(pts):
+        front = pts[pareto_mask(pts)]
+        front = front[np.argsort(front[:, 0])]
+        ax.scatter(pts[:, 0], pts[:, 1], s=10, alpha=0.35, label="candidates")
+        ax.plot(front[:, 0], front[:, 1], "o-", color="C3", label="Pareto front")
+    for label, acc in (references or {}).items():
+        if all(n in acc for n in names[:2]):
+            ax.scatter([acc[names[0]]], [acc[names[1]]], marker="*", s=120, label=label)
+    ax.set_xlabel(names[0])
+    ax.set_ylabel(names[1])
+    ax.set_title("objectives (fitness split)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_heatmap(table: dict[tuple[str, str, str], list[float]], path: Path, title: str) -> Path:
+    """Searched coefficients: one row per (model, parameter, tensor group), one column per layer."""
+    keys = sorted(table, key=lambda k: (k[1], k[0], k[2]))
+    width = max(len(v) for v in table.values())
+    grid = np.full((len(keys), width), np.nan)
+    for i, k in enumerate(keys):
+        grid[i, : len(table[k])] = table[k]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * width, 0.9 + 0.32 * len(keys)))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis")
+    ax.set_yticks(range(len(keys)), [".".join(k) for k in keys], fontsize=8)
+    ax.set_xticks(range(width), [str(i) for i in range(width)] if width > 1 else ["all"])
+    ax.set_xlabel("layer")
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            if np.isfinite(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w")
+    fig.colorbar(im, ax=ax)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_layer_plan(layers: Sequence[tuple[str, int]], scales: Sequence[float], path: Path, title: str) -> Path:
+    """A DFS plan: which member's layer runs at each depth, and the scale of each hop."""
+    members = sorted({m for m, _ in layers})
+    fig, ax = plt.subplots(figsize=(max(4, 0.45 * len(layers) + 1.5), 2.6))
+    for d, ((m, i), s) in enumerate(zip(layers, scales)):
+        y = members.index(m)
+        ax.add_patch(plt.Rectangle((d - 0.4, y - 0.35), 0.8, 0.7, color=f"C{y}", alpha=0.75))
+        ax.text(d, y, f"{i}\n×{s:.2f}", ha="center", va="center", fontsize=7)
+    ax.set_xlim(-0.6, len(layers) - 0.4)
+    ax.set_ylim(-0.6, len(members) - 0.4)
+    ax.set_yticks(range(len(members)), members)
+    ax.set_xlabel("depth (layer index inside its model, × scale of the hop)")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def markdown_table(rows: dict[str, dict[str, float]], columns: Sequence[str], mean_of: Sequence[str] | None = None) -> str:
+    cols = list(columns) + (["mean"] if mean_of else [])
+    lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, acc in rows.items():
+        vals = [acc.get(c, float("nan")) for c in columns]
+        if mean_of:
+            vals.append(float(np.mean([acc[c] for c in mean_of if c in acc])))
+        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
+    return "\n".join(lines)
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
