@@ -119,6 +119,16 @@ class Objective(Strict):
             raise ValueError(f"objective name '{v}' may contain letters, digits, '_' and '-' only")
         return v
 
+    @model_validator(mode="after")
+    def _benchmark(self) -> "Objective":
+        """The benchmark takes the objective's name unless it has its own; the spec is checked now."""
+        from evomerge.evaluate.registry import parse_spec
+
+        if self.benchmark.get("type") in ("items", "lm_eval", "custom") and "name" not in self.benchmark:
+            self.benchmark = {**self.benchmark, "name": self.name}
+        parse_spec(self.benchmark)
+        return self
+
 
 class EstimatorSpec(Strict):
     kind: Literal["full", "random", "stratified", "irt", "pirt", "gpirt", "mpirt", "gmpirt"] = "full"

@@ -164,3 +164,52 @@ def uniform_genome(space: PSGenome, value: float) -> np.ndarray:
         if b.param == "weight":
             x[b.start : b.start + b.size] = value
     return x
+
+
+@dataclass
+class DFSGenome:
+    """EvoMerge's data-flow space over a pool of same-architecture models.
+
+    ``pool`` lists (member, number of layers) in layout order; the first member is the host
+    (embeddings, final norm, head). The start point x0 is the host itself: its own layers in the
+    first repeat switched on (0.75), everything else off (0.25), every scale at its init.
+    """
+
+    space: DFSSpace
+    pool: list[tuple[str, int]]
+    members: dict[str, Any] = field(default_factory=dict)  # member -> folder or merge-config dict (export)
+    names: list[str] = field(init=False)
+    lower: np.ndarray = field(init=False)
+    upper: np.ndarray = field(init=False)
+    x0: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        from evomerge.dfs import dfs_gene_count
+
+        total = sum(n for _, n in self.pool)
+        self.n_inc, self.n_scale = dfs_gene_count(total, self.space.repeats, self.space.scale_mode)
+        self.names = [f"include.{i}" for i in range(self.n_inc)] + [f"scale.{i}" for i in range(self.n_scale)]
+        s = self.space.scale
+        self.lower = np.array([0.0] * self.n_inc + [s.low] * self.n_scale)
+        self.upper = np.array([1.0] * self.n_inc + [s.high] * self.n_scale)
+        host_layers = self.pool[0][1]
+        inc = np.full(self.n_inc, 0.25)
+        inc[:host_layers] = 0.75
+        self.x0 = np.concatenate([inc, np.full(self.n_scale, s.start)])
+
+    @property
+    def dim(self) -> int:
+        return len(self.names)
+
+    @property
+    def max_layers(self) -> int:
+        return self.space.max_layers or 2 * self.pool[0][1]
+
+    def decode(self, x: np.ndarray, seed: int = 0) -> Recipe:
+        from evomerge.dfs import decode_dfs
+
+        x = np.clip(np.asarray(x, dtype=np.float64), self.lower, self.upper)
+        plan = decode_dfs(x[: self.n_inc], x[self.n_inc :], self.pool, self.space.repeats, self.space.scale_mode,
+                          self.max_layers, self.space.min_layers)
+        plan.models = {m: self.members[m] for m in plan.members() if m in self.members}
+        return Recipe(plan=plan)

@@ -4,22 +4,24 @@ P(model m solves item i) = sigmoid(a_i . theta_m - b_i). With D abilities a mode
 several skills independently; one ability cannot (on the zoo a single-ability model was worse than
 random subsampling), so D is chosen by validation, never fixed.
 
-Everything reduces to one convex sub-problem, solved batched: a logistic regression with a Gaussian
-prior. Joint MAP alternates between all abilities (items fixed: one D-dim regression per model) and
-all items (abilities fixed: one (D+1)-dim regression per item), a few Newton steps each. Each block
-is strictly convex, so the alternation decreases the joint objective monotonically; with D <= 8 the
-Hessians are tiny and one batched ``torch.linalg.solve`` does every model or every item at once,
-which is why this takes about a second for 100 x 2,000 on two cores rather than minutes of
-first-order steps. Responses may be fractional (in [0, 1]); NaN marks an item not evaluated.
+The joint fit (items and abilities together, MAP with Gaussian priors) runs L-BFGS over all
+parameters: on a few hundred models it is a second or so on CPU. Everything with item parameters
+fixed (a new model's ability from a few items, MERGE^3's mixture of parents' abilities) is a small
+logistic regression with a Gaussian prior, solved by batched Newton: D <= 8 unknowns, so one batched
+``torch.linalg.solve`` per step does every model at once. Responses may be fractional (in [0, 1]);
+NaN marks an item not evaluated.
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
+from scipy.special import expit
 
 DTYPE = torch.float64
 
@@ -45,13 +47,14 @@ class ItemParams:
 
     def prob(self, theta: np.ndarray) -> np.ndarray:
         """P(correct) of every item for abilities ``theta`` (D,) -> (N,) or (M, D) -> (M, N)."""
-        return 1.0 / (1.0 + np.exp(-(np.asarray(theta) @ self.a.T - self.b)))
+        return expit(np.asarray(theta) @ self.a.T - self.b)
 
 
 @dataclass(frozen=True)
 class Prior:
-    """Gaussian prior N(mean, cov) on abilities. The empirical one of a calibration population is a
-    much better guide for a model seen on 100 items than the N(0, I) used while fitting."""
+    """Gaussian prior N(mean, cov) on abilities. For a model seen on a few items, the empirical prior
+    of the calibration population beats the N(0, I) used while fitting (zoo, 5-fold CV, D = 5:
+    p-IRT MAE .0195 vs .0217 at 90 items, .0143 vs .0156 at 180)."""
 
     mean: np.ndarray  # (D,)
     cov: np.ndarray  # (D, D)
@@ -75,6 +78,26 @@ class FitResult:
     objective: float  # negative log posterior per observed response
     iterations: int
     seconds: float
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run a block with n torch intra-op threads, then restore the previous count.
+
+    IRT tensors are small (hundreds x thousands): threads buy nothing, and when another process
+    holds a core, OpenMP's spinning barriers make every op wait. Measured on the 2-core box with
+    one busy neighbour, one loss + gradient of a 118 x 1,800 fit: 1.5-2.6 ms on 1 thread,
+    100-140 ms on 2. ``None`` leaves torch's setting alone.
+    """
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def check_responses(Y: np.ndarray) -> np.ndarray:
@@ -115,20 +138,13 @@ def newton_logistic(X: torch.Tensor, offset: torch.Tensor, y: torch.Tensor, mask
     return w
 
 
-def _objective(Y, mask, theta, a, b, sig_theta, sig_a, sig_b) -> float:
-    z = theta @ a.T - b
-    ll = (mask * (Y * torch.nn.functional.logsigmoid(z) + (1 - Y) * torch.nn.functional.logsigmoid(-z))).sum()
-    prior = (theta ** 2).sum() / sig_theta ** 2 + (a ** 2).sum() / sig_a ** 2 + (b ** 2).sum() / sig_b ** 2
-    return float((-ll + 0.5 * prior) / mask.sum())
-
-
 def _init(Y: np.ndarray, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Abilities from the leading singular vectors of the centred responses (a deterministic start
     near the answer), difficulties from the items' pass rates."""
-    col = np.nanmean(np.where(np.isnan(Y), np.nan, Y), axis=0)
+    col = np.nanmean(Y, axis=0) if np.isnan(Y).any() else Y.mean(0)
     col = np.where(np.isnan(col), 0.5, col)
     filled = np.where(np.isnan(Y), col, Y)
-    u, s, _ = np.linalg.svd(filled - filled.mean(0), full_matrices=False)
+    u, _, _ = np.linalg.svd(filled - filled.mean(0), full_matrices=False)
     theta = u[:, :dim] * np.sqrt(len(Y))
     if theta.shape[1] < dim:  # fewer models than dimensions: pad with small noise
         rng = np.random.default_rng(seed)
@@ -138,41 +154,59 @@ def _init(Y: np.ndarray, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fit_m2pl(Y: np.ndarray, dim: int, *, sigma_theta: float = 1.0, sigma_a: float = 2.0, sigma_b: float = 4.0,
-             max_iter: int = 300, tol: float = 1e-7, seed: int = 0) -> FitResult:
+             max_evals: int = 3000, tol: float = 1e-8, seed: int = 0, threads: int | None = 1) -> FitResult:
     """Joint MAP fit of a D-dimensional 2PL to responses ``Y`` (models x items, NaN = unseen).
 
     Priors: theta ~ N(0, sigma_theta^2 I) fixes the scale and origin of the abilities (rotations
     stay free: the fit is unique only up to one); a ~ N(0, sigma_a^2 I) and b ~ N(0, sigma_b^2)
     keep items that every model (or none) solves finite instead of running off to infinity.
+
+    Optimiser: L-BFGS with a strong-Wolfe line search over all parameters at once, in float32.
+    Measured on 200 x 1,500 synthetic responses (2 shared cores): D = 3 in 0.3-0.5 s, D = 5 in
+    0.5-0.7 s; alternating batched Newton (every model, then every item) needed 100-250 sweeps that
+    zig-zag along the ability/discrimination trade-off, 20-80 s for the same optimum; float64 was
+    2-10x slower for the same probabilities to 1e-4. ``threads``: see ``torch_threads``.
     """
     Y = check_responses(Y)
     if not isinstance(dim, (int, np.integer)) or dim < 1:
         raise ValueError(f"dim must be a positive integer, got {dim!r}")
     t0 = time.perf_counter()
     M, N = Y.shape
-    mask_np = ~np.isnan(Y)
-    mask = torch.as_tensor(mask_np, dtype=DTYPE)
-    Yt = torch.as_tensor(np.where(mask_np, Y, 0.0), dtype=DTYPE)
+    seen = ~np.isnan(Y)
+    if not seen.any():
+        raise ValueError("responses are all NaN: evaluate the models on some items first")
+    f32 = torch.float32
+    mask = torch.as_tensor(seen, dtype=f32)
+    Yt = torch.as_tensor(np.where(seen, Y, 0.0), dtype=f32)
+    count = float(seen.sum())
     theta0, b0 = _init(Y, dim, seed)
-    theta = torch.as_tensor(theta0, dtype=DTYPE)
-    items = torch.cat([torch.zeros(N, dim, dtype=DTYPE), torch.as_tensor(b0, dtype=DTYPE)[:, None]], 1)
-    prec_items = torch.diag(torch.tensor([sigma_a ** -2] * dim + [sigma_b ** -2], dtype=DTYPE))
-    prec_theta = torch.eye(dim, dtype=DTYPE) / sigma_theta ** 2
-    zeros_i, zeros_t = torch.zeros(dim + 1, dtype=DTYPE), torch.zeros(dim, dtype=DTYPE)
-    prev, it = np.inf, 0
-    for it in range(1, max_iter + 1):
-        # items given abilities: design [theta, -1] (M, D+1), one regression per item over models
-        X = torch.cat([theta, -torch.ones(M, 1, dtype=DTYPE)], 1)
-        items = newton_logistic(X, torch.zeros(N, M, dtype=DTYPE), Yt.T, mask.T, zeros_i, prec_items, items, steps=2)
-        a, b = items[:, :dim], items[:, dim]
-        # abilities given items: design a (N, D), offset -b, one regression per model over items
-        theta = newton_logistic(a, (-b).expand(M, N), Yt, mask, zeros_t, prec_theta, theta, steps=2)
-        obj = _objective(Yt, mask, theta, a, b, sigma_theta, sigma_a, sigma_b)
-        if prev - obj < tol * max(1.0, abs(obj)):
-            break
-        prev = obj
-    a, b = items[:, :dim].numpy().copy(), items[:, dim].numpy().copy()
-    return FitResult(ItemParams(a, b), theta.numpy().copy(), obj, it, time.perf_counter() - t0)
+    theta = torch.tensor(theta0, dtype=f32, requires_grad=True)
+    a = torch.zeros(N, dim, dtype=f32, requires_grad=True)
+    b = torch.tensor(b0, dtype=f32, requires_grad=True)
+    opt = torch.optim.LBFGS([theta, a, b], lr=1.0, max_iter=max_evals, max_eval=max_evals, history_size=20,
+                            tolerance_grad=1e-7, tolerance_change=tol, line_search_fn="strong_wolfe")
+    logsig = torch.nn.functional.logsigmoid
+
+    def loss() -> torch.Tensor:
+        z = theta @ a.T - b
+        ll = (mask * (Yt * logsig(z) + (1 - Yt) * logsig(-z))).sum()
+        prior = ((theta ** 2).sum() / sigma_theta ** 2 + (a ** 2).sum() / sigma_a ** 2
+                 + (b ** 2).sum() / sigma_b ** 2)
+        return (-ll + 0.5 * prior) / count
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        value = loss()
+        value.backward()
+        return value
+
+    with torch_threads(threads):
+        opt.step(closure)
+        with torch.no_grad():
+            obj = float(loss())
+    evals = opt.state[opt._params[0]].get("func_evals", 0)
+    return FitResult(ItemParams(a.detach().double().numpy(), b.detach().double().numpy()),
+                     theta.detach().double().numpy(), obj, int(evals), time.perf_counter() - t0)
 
 
 def estimate_theta(items: ItemParams, index: np.ndarray, y: np.ndarray, prior: Prior | None = None,
@@ -195,7 +229,8 @@ def estimate_theta(items: ItemParams, index: np.ndarray, y: np.ndarray, prior: P
     off = torch.as_tensor(-items.b[index], dtype=DTYPE).expand_as(yt)
     mean = torch.as_tensor(prior.mean, dtype=DTYPE)
     prec = torch.as_tensor(np.linalg.inv(prior.cov), dtype=DTYPE)
-    theta = newton_logistic(a, off, yt, mask, mean, prec, mean.expand(len(y2), -1).clone(), steps=steps)
+    with torch_threads(1):
+        theta = newton_logistic(a, off, yt, mask, mean, prec, mean.expand(len(y2), -1).clone(), steps=steps)
     out = theta.numpy()
     return out[0] if single else out
 
@@ -203,20 +238,31 @@ def estimate_theta(items: ItemParams, index: np.ndarray, y: np.ndarray, prior: P
 def estimate_mixture(items: ItemParams, index: np.ndarray, y: np.ndarray, parents: np.ndarray,
                      ridge: float = 1e-2, steps: int = 12) -> np.ndarray:
     """MERGE^3's merged ability: weights lam (J,) such that theta = lam @ parents (J, D) best explains
-    the responses ``y`` (n,) on items ``index``, by maximum likelihood (a tiny ridge towards the
-    uniform mixture keeps it defined when the parents' abilities are collinear). Returns lam."""
+    the responses ``y`` on items ``index``, by maximum likelihood. A tiny ridge towards the uniform
+    mixture keeps lam defined when the parents' abilities are collinear (J > D).
+
+    ``y``: (n,) for one model or (B, n) for B models (NaN = not seen). Returns (J,) or (B, J).
+    """
     index = np.asarray(index, dtype=np.int64)
     y = np.asarray(y, dtype=np.float64)
+    single = y.ndim == 1
+    y2 = np.atleast_2d(y)
+    if y2.shape[1] != len(index):
+        raise ValueError(f"{len(index)} item positions but responses of shape {y.shape}")
     parents = np.atleast_2d(np.asarray(parents, dtype=np.float64))
+    if parents.shape[1] != items.dim:
+        raise ValueError(f"parents' abilities have dimension {parents.shape[1]}, the items {items.dim}")
     J = len(parents)
     X = torch.as_tensor(items.a[index] @ parents.T, dtype=DTYPE)  # (n, J)
-    mask = torch.as_tensor(~np.isnan(y), dtype=DTYPE)[None]
-    yt = torch.as_tensor(np.nan_to_num(y), dtype=DTYPE)[None]
-    off = torch.as_tensor(-items.b[index], dtype=DTYPE)[None]
+    mask = torch.as_tensor(~np.isnan(y2), dtype=DTYPE)
+    yt = torch.as_tensor(np.nan_to_num(y2), dtype=DTYPE)
+    off = torch.as_tensor(-items.b[index], dtype=DTYPE).expand_as(yt)
     mean = torch.full((J,), 1.0 / J, dtype=DTYPE)
-    lam = newton_logistic(X, off, yt, mask, mean, ridge * torch.eye(J, dtype=DTYPE), mean[None].clone(),
-                          steps=steps)
-    return lam[0].numpy()
+    with torch_threads(1):
+        lam = newton_logistic(X, off, yt, mask, mean, ridge * torch.eye(J, dtype=DTYPE),
+                              mean.expand(len(y2), -1).clone(), steps=steps)
+    out = lam.numpy()
+    return out[0] if single else out
 
 
 def heldout_loglik(Y: np.ndarray, dim: int, *, folds: int = 5, seed: int = 0, **fit_kw) -> float:

@@ -110,7 +110,7 @@ class MergeEngine:
         else:  # linear: the base (if an input) is the reference; the others enter as deltas
             rows = [self.others.index(m) for m in inputs.inputs if m != self.base_name]
         whole = rows == list(range(len(self.others)))
-        index = torch.tensor(rows, device=self.device)
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
         for name in self.tensor_names:
             target = self._targets[name]
             if name not in self.deltas:

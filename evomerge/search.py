@@ -1,0 +1,297 @@
+"""The search driver: ask, evaluate on workers, tell, checkpoint; then export and report.
+
+The driver alone owns the ask/tell loop and the run store. Every finished evaluation is committed as
+it arrives; after each tell the searcher's state (RNG included) is committed in the same transaction
+as the generation's record. A killed run therefore resumes by restoring the last state and asking
+again: the searcher proposes the same genomes, those already evaluated are looked up, and only the
+ones in flight at the kill are evaluated again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from evomerge.config import DFSSpace, Experiment, PSSpace, load_experiment
+from evomerge.estimation import FitnessEstimator
+from evomerge.genome import DFSGenome, PSGenome, genome_seed
+from evomerge.pool import LocalPool, Pool, Task
+from evomerge.recipe import Recipe
+from evomerge.runstore import Evaluation, RunStore
+from evomerge.searchers import Searcher, make_searcher
+
+MULTI_OBJECTIVE = {"nsga2", "pymoo:NSGA2", "pymoo:NSGA3", "pymoo:MOEAD", "pymoo:SMSEMOA", "pymoo:AGEMOEA",
+                   "pymoo:AGEMOEA2", "pymoo:RNSGA2", "pymoo:SPEA2", "pymoo:CTAEA", "pymoo:UNSGA3"}
+
+
+class RunExists(ValueError):
+    pass
+
+
+def resolve_models(exp: Experiment, root: Path) -> dict[str, Path]:
+    """Model references -> folders: ``zoo:<name>`` from the built-in zoo (built on first use),
+    relative paths from the experiment's folder, anything else as given (a hub id is fetched later)."""
+    out = {}
+    zoo = None
+    for name, ref in exp.models.items():
+        if ref.startswith("zoo:"):
+            from evomerge.zoo import ensure_zoo
+
+            zoo = zoo or ensure_zoo()
+            member = ref[4:]
+            path = zoo.base if member == "base" else zoo.root / member
+            if not path.is_dir():
+                raise ValueError(f"models.{name}: the zoo has no model '{member}'; it has base, "
+                                 f"{', '.join(zoo.skills)}")
+            out[name] = path
+        elif (root / ref).is_dir():
+            out[name] = (root / ref).resolve()
+        else:
+            from evomerge.checkpoint import resolve_model_path
+
+            out[name] = resolve_model_path(ref)
+    return out
+
+
+def n_objectives(exp: Experiment) -> int:
+    multi = exp.searcher.name in MULTI_OBJECTIVE or exp.searcher.options.get("multi_objective", False)
+    return len(exp.fitness.objectives) if multi else 1
+
+
+@dataclass
+class PhaseResult:
+    index: int
+    kind: str
+    best: list[Evaluation]  # one for a single objective; the chosen Pareto models otherwise
+    recipes: list[Recipe] = field(default_factory=list)
+    genome: Any = None  # the PSGenome / DFSGenome of the phase
+    store_path: Optional[Path] = None
+
+
+class Driver:
+    """Runs an experiment in ``run_dir``; ``run()`` is the whole job, resumable at any point."""
+
+    def __init__(self, exp: Experiment, run_dir: Path, exp_dir: Path, console: Console | None = None,
+                 pool: Pool | None = None):
+        self.exp = exp
+        self.run_dir = run_dir
+        self.exp_dir = exp_dir
+        self.console = console or Console(stderr=True)
+        self.spaces = exp.load_spaces(exp_dir)
+        self.paths = resolve_models(exp, exp_dir)
+        self.others = [m for m in exp.models if m != exp.base_model]
+        self.n_obj = n_objectives(exp)
+        self.names = [o.name for o in exp.fitness.objectives]
+        self.weights = np.array([o.weight for o in exp.fitness.objectives], dtype=float)
+        self._pool = pool
+
+    # -- workers --------------------------------------------------------------------------------
+    @property
+    def pool(self) -> Pool:
+        if self._pool is None:
+            kwargs = dict(models=self.paths, base=self.exp.base_model, base_dir=self.exp_dir,
+                          benchmarks={"fitness": {o.name: o.benchmark for o in self.exp.fitness.objectives},
+                                      "test": {o.name: o.benchmark for o in self.exp.fitness.test}},
+                          device=self.exp.device, dtype=self.exp.dtype, allow_pickle=self.exp.allow_pickle)
+            if self.exp.workers > 1 or self.exp.address:
+                from evomerge.distributed import RayPool
+
+                self._pool = RayPool(kwargs, workers=self.exp.workers, address=self.exp.address,
+                                     gpus_per_worker=self.exp.gpus_per_worker)
+            else:
+                self._pool = LocalPool(kwargs)
+        return self._pool
+
+    def info(self) -> dict[str, Any]:
+        if not hasattr(self, "_info"):
+            self._info = self.pool.broadcast("info")[0]
+        return self._info
+
+    # -- the job --------------------------------------------------------------------------------
+    def run(self) -> list[PhaseResult]:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        results: list[PhaseResult] = []
+        try:
+            self.estimator = FitnessEstimator.prepare(self, self.run_dir)
+            for k, (space, phase) in enumerate(zip(self.spaces, self.exp.phases or [])):
+                results.append(self.run_phase(k, space, phase.budget, results))
+        except KeyboardInterrupt:
+            self.console.print(f"\n[yellow]stopped; every finished evaluation is saved.[/yellow] "
+                               f"Resume with:\n  evomerge resume {self.run_dir}", soft_wrap=True)
+            raise
+        from evomerge.outputs import finish_run
+
+        finish_run(self, results)
+        return results
+
+    def genome_space(self, k: int, space: PSSpace | DFSSpace, earlier: list[PhaseResult]):
+        info = self.info()
+        if isinstance(space, PSSpace):
+            sources = self.others if space.method != "slerp" else self.others[:1]
+            return PSGenome(space, self.exp.base_model, sources, info["tensors"], info["num_layers"])
+        pool_names = list(space.pool or [self.exp.base_model] + self.others)
+        members: dict[str, Any] = {n: str(self.paths[n]) for n in self.paths}
+        ps = next((r for r in reversed(earlier) if r.kind == "ps"), None)
+        if ps is not None:  # PS+DFS: the best PS merge joins the pool, first, as its host
+            merge = ps.recipes[0].merge
+            self.pool.broadcast("set_pool_member", "ps", merge)
+            members["ps"] = _with_paths(merge, self.paths)
+            if "ps" not in pool_names:
+                pool_names = ["ps"] + pool_names
+        for n in pool_names:
+            if n not in members:
+                raise ValueError(f"DFS pool member '{n}' is not a model of the experiment ({sorted(members)})")
+        return DFSGenome(space, [(n, info["num_layers"]) for n in pool_names], members)
+
+    def run_phase(self, k: int, space: PSSpace | DFSSpace, budget: int, earlier: list[PhaseResult]) -> PhaseResult:
+        phase_dir = self.run_dir / f"phase{k}-{space.kind}"
+        phase_dir.mkdir(exist_ok=True)
+        genome = self.genome_space(k, space, earlier)
+        store = RunStore(phase_dir / "run.sqlite")
+        store.set_meta("genes", genome.names)
+        last = store.last_state()
+        if last is None:
+            opts = dict(self.exp.searcher.options)
+            opts.pop("multi_objective", None)
+            searcher = make_searcher(self.exp.searcher.name, genome.lower, genome.upper, x0=genome.x0,
+                                     n_obj=self.n_obj, seed=self.exp.seed + k, **opts)
+            gen = 0
+        else:
+            searcher = Searcher.from_state(last[1])
+            gen = last[0] + 1
+        columns = [TextColumn(f"phase {k} ({space.kind})"), BarColumn(), TextColumn("{task.completed}/{task.total} evals"),
+                   TextColumn("gen {task.fields[gen]}"), TextColumn("best {task.fields[best]}"),
+                   TimeElapsedColumn(), TimeRemainingColumn()]
+        with Progress(*columns, console=self.console, transient=False) as progress:
+            done = store.count()
+            task = progress.add_task("search", total=budget, completed=min(done, budget), gen=gen,
+                                     best=self._best_text(store))
+            while store.count() < budget:
+                genomes = searcher.ask()
+                store.begin_generation(gen, genomes)
+                self._evaluate(store, genome, genomes, gen, progress, task)
+                values = np.array([self.search_values(store.lookup(g)) for g in genomes])
+                searcher.tell(genomes, values)
+                store.commit_tell(gen, searcher.state_dict())
+                self.after_generation(store, genome, gen)
+                gen += 1
+                progress.update(task, completed=min(store.count(), budget), gen=gen, best=self._best_text(store))
+        best = self.choose(store)
+        result = PhaseResult(k, space.kind, best, [genome.decode(np.array(e.genome), e.seed) for e in best],
+                             genome, store.path)
+        store.close()
+        return result
+
+    def _evaluate(self, store: RunStore, genome, genomes: list[np.ndarray], gen: int, progress, task) -> None:
+        todo: dict[str, tuple[np.ndarray, Recipe, int]] = {}
+        for g in genomes:
+            if store.lookup(g) is None:
+                seed = genome_seed(g, self.exp.seed)
+                todo.setdefault(RunStore.genome_hash(g), (g, genome.decode(g, seed), seed))
+        items = list(todo.values())
+        tasks = [Task(r, self.estimator.selection(), "fitness", s) for _, r, s in items]
+        for i, result in self.pool.run(tasks):
+            g, recipe, seed = items[i]
+            objectives = self.estimator.estimate(result) if result.ok else {}
+            store.record(Evaluation.of(
+                genome=g, recipe=_recipe_text(recipe), objectives=objectives,
+                fitness=self.fitness(objectives), responses=[r.to_json() for r in result.responses],
+                seconds=result.merge_seconds + result.eval_seconds, worker=result.worker, error=result.error,
+                generation=gen, seed=seed))
+            progress.update(task, completed=store.count(), best=self._best_text(store))
+
+    def after_generation(self, store: RunStore, genome, gen: int) -> None:
+        self.estimator.after_generation(self, store, genome, gen)
+
+    # -- objectives -----------------------------------------------------------------------------
+    def fitness(self, objectives: dict[str, float]) -> float:
+        if not objectives or any(not math.isfinite(objectives.get(n, math.nan)) for n in self.names):
+            return math.nan
+        return float(np.dot(self.weights, [objectives[n] for n in self.names]) / self.weights.sum())
+
+    def search_values(self, ev: Evaluation) -> list[float]:
+        if ev.status != "ok":
+            return [math.nan] * self.n_obj
+        if self.n_obj == 1:
+            return [ev.fitness]
+        return [ev.objectives.get(n, math.nan) for n in self.names]
+
+    def choose(self, store: RunStore) -> list[Evaluation]:
+        """The best evaluation (earliest among equals), or up to ``export.top_k`` of the Pareto set
+        spread along the first objective."""
+        ok = [e for e in store.evaluations() if e.status == "ok" and math.isfinite(e.fitness)]
+        if not ok:
+            raise RuntimeError(f"no candidate of {store.path} was evaluated successfully; see the errors there")
+        if self.n_obj == 1:
+            return [max(ok, key=lambda e: (e.fitness, -e.rowid))]
+        from evomerge.report import pareto_mask
+
+        pts = np.array([[e.objectives[n] for n in self.names] for e in ok])
+        front = [ok[i] for i in np.flatnonzero(pareto_mask(pts))]
+        front.sort(key=lambda e: e.objectives[self.names[0]])
+        k = min(self.exp.export.top_k, len(front))
+        picks = sorted({int(round(i)) for i in np.linspace(0, len(front) - 1, k)})
+        return [front[i] for i in picks]
+
+    def _best_text(self, store: RunStore) -> str:
+        best = store.best_fitness()
+        return "-" if best is None else f"{best:.3f}"
+
+
+def _recipe_text(recipe: Recipe) -> str:
+    parts = {}
+    if recipe.merge is not None:
+        parts["merge"] = yaml.safe_load(recipe.merge.to_yaml())
+    if recipe.plan is not None:
+        parts["layer_plan"] = recipe.plan.to_dict()
+    return yaml.safe_dump(parts, sort_keys=False)
+
+
+def _with_paths(merge, paths: dict[str, Path]) -> dict:
+    """A merge config over model names, as a dict over folders (for export and replay)."""
+    data = yaml.safe_load(merge.to_yaml())
+    data["models"] = [{**m, "model": str(paths[m["model"]])} for m in data["models"]]
+    if data.get("base_model"):
+        data["base_model"] = str(paths[data["base_model"]])
+    return data
+
+
+def start(exp_path: str | Path, output_dir: str | Path | None = None, console: Console | None = None,
+          overrides: dict[str, Any] | None = None) -> Path:
+    """``evomerge search``: validate everything, freeze the experiment into the run folder, run."""
+    exp_path = Path(exp_path).resolve()
+    data = yaml.safe_load(exp_path.read_text())
+    data.update(overrides or {})
+    exp = Experiment.model_validate(data)
+    exp.load_spaces(exp_path.parent)
+    run_dir = Path(output_dir or exp.output_dir or Path("runs") / exp.name)
+    if (run_dir / "experiment.yaml").exists():
+        raise RunExists(f"{run_dir} already holds a run; continue it with `evomerge resume {run_dir}`, "
+                        "or choose another --output-dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    frozen = {**data, "_experiment_dir": str(exp_path.parent)}
+    (run_dir / "experiment.yaml").write_text(yaml.safe_dump(frozen, sort_keys=False))
+    Driver(exp, run_dir, exp_path.parent, console).run()
+    return run_dir
+
+
+def resume(run_dir: str | Path, console: Console | None = None) -> Path:
+    """``evomerge resume``: the frozen experiment, the same run folder, the same trajectory."""
+    run_dir = Path(run_dir)
+    frozen = run_dir / "experiment.yaml"
+    if not frozen.exists():
+        raise ValueError(f"{run_dir} holds no run (no experiment.yaml); start one with `evomerge search`")
+    data = yaml.safe_load(frozen.read_text())
+    exp_dir = Path(data.pop("_experiment_dir", run_dir))
+    exp = Experiment.model_validate(data)
+    Driver(exp, run_dir, exp_dir, console).run()
+    return run_dir

@@ -1,0 +1,135 @@
+"""A merge worker: owns one device, keeps the sources resident, turns recipes into item responses.
+
+It receives recipes (small), never weights. The same class runs in-process (one worker, the
+default on a laptop) and inside a Ray actor (``evomerge.distributed``); it never writes to the run
+store: it returns results and the driver records them.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from evomerge.evaluate.base import EvalContext, ItemResponses
+from evomerge.evaluate.registry import make_evaluator, run_fitness
+from evomerge.merge.engine import MergeEngine, as_dtype
+from evomerge.merge.config import MergeConfig
+from evomerge.recipe import Recipe
+
+
+@dataclass
+class CandidateResult:
+    """What one evaluation produced. ``objectives`` are the raw means over the items evaluated (or a
+    custom function's values); the driver's estimator turns responses into benchmark estimates."""
+
+    objectives: dict[str, float] = field(default_factory=dict)
+    responses: list[ItemResponses] = field(default_factory=list)
+    merge_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    worker: str = ""
+    error: Optional[str] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Worker:
+    """Sources resident on one device; ``evaluate(recipe)`` merges in memory and scores.
+
+    ``benchmarks`` maps a set name ("fitness", "test") to objective name -> evaluator spec.
+    """
+
+    def __init__(self, models: Mapping[str, str | Path], base: str, benchmarks: Mapping[str, Mapping[str, dict]],
+                 base_dir: str | Path | None = None, device: str = "auto", dtype: str | None = None,
+                 allow_pickle: bool = False, threads: int | None = None, name: str | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = resolve_device(device)
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}:{self.device}"
+        self.models = {k: Path(v) for k, v in models.items()}
+        self.base = base
+        self.dtype = as_dtype(dtype)
+        self.allow_pickle = allow_pickle
+        self.engine = MergeEngine(self.models, base, self.device, self.dtype, allow_pickle)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.models[base])
+        self.evaluators = {s: {n: make_evaluator(spec, base_dir) for n, spec in specs.items()}
+                           for s, specs in benchmarks.items()}
+        self._pool: dict[str, torch.nn.Module] = {}
+
+    # -- data-flow candidates ---------------------------------------------------------------
+    def set_pool_member(self, name: str, merge: MergeConfig | None = None) -> None:
+        """Make ``name`` available to layer plans: a source (loaded once) or a PS merge (a frozen
+        copy of the engine's model after materializing ``merge``)."""
+        if merge is not None:
+            self._pool[name] = copy.deepcopy(self.engine.materialize(merge)).eval()
+        elif name not in self._pool:
+            self._pool[name] = AutoModelForCausalLM.from_pretrained(
+                self.models[name], dtype=self.dtype).to(self.device).eval()
+
+    def _model(self, recipe: Recipe) -> torch.nn.Module:
+        if recipe.plan is not None:
+            from evomerge.dfs import build_dfs_model
+
+            for member in recipe.plan.members():
+                if member not in self._pool:
+                    self.set_pool_member(member)
+            return build_dfs_model(recipe.plan, self._pool)
+        if recipe.merge is None:
+            raise ValueError("a recipe needs a merge config, a layer plan, or both")
+        return self.engine.materialize(recipe.merge)
+
+    # -- scoring ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, recipe: Recipe, item_ids: Mapping[str, Optional[list[str]]] | None = None,
+                 which: str = "fitness", seed: int = 0) -> CandidateResult:
+        """Merge and score on benchmark set ``which``; ``item_ids[name]`` selects items (None: all).
+
+        A failure anywhere (merge, evaluation, a custom function) becomes a failed result carrying
+        the error, so the search records it and goes on.
+        """
+        result = CandidateResult(worker=self.name)
+        try:
+            t0 = time.perf_counter()
+            model = self._model(recipe)
+            result.merge_seconds = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            for name, evaluator in self.evaluators[which].items():
+                ids = (item_ids or {}).get(name)
+                ctx = EvalContext(device=self.device, item_ids=ids, seed=seed)
+                fit = run_fitness(evaluator, model, self.tokenizer, ctx)
+                if not fit.ok:
+                    result.error = f"{name}: {fit.error}\n{fit.traceback or ''}".strip()
+                    break
+                if len(fit.objectives) == 1 and fit.responses:
+                    result.objectives[name] = next(iter(fit.objectives.values()))
+                else:
+                    result.objectives.update(fit.objectives)
+                result.responses += fit.responses
+            result.eval_seconds = time.perf_counter() - t1
+        except Exception as err:  # noqa: BLE001 - recorded as a failed candidate, not a crash
+            result.error = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=6)}"
+        return result
+
+    def item_ids(self, which: str = "fitness") -> dict[str, list[str] | None]:
+        """Every item of each benchmark (None for custom functions, which choose their own)."""
+        return {n: (e.item_ids() if hasattr(e, "item_ids") else None) for n, e in self.evaluators[which].items()}
+
+    def info(self) -> dict[str, Any]:
+        return {"name": self.name, "device": str(self.device), "resident_bytes": self.engine.resident_bytes(),
+                "tensors": self.engine.tensor_names, "num_layers": self.engine.num_layers}

@@ -1,0 +1,189 @@
+"""`evomerge search` end to end on the zoo: outputs, exact resume after SIGKILL, clean Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from evomerge.config import Experiment, load_experiment
+from evomerge.runstore import RunStore
+from evomerge.search import RunExists, resume, start
+from evomerge.zoo.skills import write_jsonl
+
+EVOMERGE = [sys.executable, "-m", "evomerge.cli"]
+
+
+def small_items(zoo, tmp: Path, n: int = 40) -> dict[str, dict[str, str]]:
+    """A few fitness and test items per skill, so a candidate costs a fraction of a second."""
+    out = {}
+    for skill in zoo.skills:
+        for split in ("fitness", "test"):
+            rows = zoo.items(skill, split)[:: max(1, 600 // n)][:n]
+            path = tmp / f"{skill}-{split}.jsonl"
+            write_jsonl(path, rows)
+            out.setdefault(skill, {})[split] = str(path)
+    return out
+
+
+def experiment(zoo, tmp: Path, **over) -> dict:
+    items = small_items(zoo, tmp)
+    exp = {
+        "name": "t", "seed": 3,
+        "models": {"base": "zoo:base", "rev": "zoo:rev", "sort": "zoo:sort", "tr": "zoo:tr"},
+        "base_model": "base",
+        "search_space": "ps_task_arithmetic_layers",
+        "budget": {"evaluations": 24},
+        "searcher": {"name": "cmaes", "options": {"popsize": 6}},
+        "fitness": {"objectives": [{"name": s, "benchmark": {"type": "items", "path": items[s]["fitness"]}}
+                                   for s in zoo.skills],
+                    "test": [{"name": s, "benchmark": {"type": "items", "path": items[s]["test"]}}
+                             for s in zoo.skills]},
+        "device": "cpu",
+    }
+    exp.update(over)
+    path = tmp / "exp.yaml"
+    path.write_text(yaml.safe_dump(exp))
+    return exp
+
+
+def final_state(run_dir: Path) -> tuple:
+    store = RunStore(run_dir / "phase0-ps" / "run.sqlite", readonly=True)
+    evs = store.evaluations()
+    best = max((e for e in evs if e.status == "ok"), key=lambda e: (e.fitness, -e.rowid))
+    hashes = [e.genome_hash for e in evs]
+    out = (np.array(best.genome), best.fitness, sorted(hashes), len(store.generations()))
+    store.close()
+    return out, hashes
+
+
+def test_search_writes_checkpoint_recipe_history_plots_report(zoo, tmp_path):
+    experiment(zoo, tmp_path)
+    run_dir = start(tmp_path / "exp.yaml", tmp_path / "run")
+    for f in ["report.md", "summary.json", "test_results.json", "best/config.json", "best/tokenizer.json",
+              "best.mergekit.yml", "phase0-ps/history.csv", "phase0-ps/fitness.png", "phase0-ps/coefficients.png"]:
+        assert (run_dir / f).exists(), f
+    test = json.loads((run_dir / "test_results.json").read_text())
+    assert set(test) == {"best", "base", "rev", "sort", "tr", "uniform merge"}
+    assert all("error" not in v for v in test.values()), test
+    # the exported recipe replays to the exported weights through `evomerge merge`
+    replay = tmp_path / "replay"
+    proc = subprocess.run(EVOMERGE + ["merge", str(run_dir / "best.mergekit.yml"), "-o", str(replay)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    a, b = load_file(run_dir / "best" / "model.safetensors"), load_file(replay / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the checkpoint is what the search scored: the best fitness re-measured on the exported model
+    store = RunStore(run_dir / "phase0-ps" / "run.sqlite", readonly=True)
+    assert store.count() == 24
+    best = max(store.evaluations(), key=lambda e: e.fitness)
+    from evomerge.evaluate.builtin import ItemsBenchmark
+    from evomerge.evaluate.base import EvalContext
+    from transformers import AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "best")
+    tok = AutoTokenizer.from_pretrained(run_dir / "best")
+    exp = load_experiment(tmp_path / "exp.yaml")
+    scores = [ItemsBenchmark(o.name, o.benchmark["path"]).evaluate(model, tok, EvalContext()).mean()
+              for o in exp.fitness.objectives]
+    assert np.mean(scores) == pytest.approx(best.fitness, abs=1e-9)
+    # a second search into the same folder is refused with the way out
+    with pytest.raises(RunExists, match="evomerge resume"):
+        start(tmp_path / "exp.yaml", tmp_path / "run")
+
+
+def run_cli(args: list[str], cwd: Path, kill_at: int | None = None, store: Path | None = None,
+            delay: float = 0.0, sig=signal.SIGKILL, kill_after: float | None = None):
+    """Run the CLI; with ``kill_at``, send ``sig`` once ``store`` holds that many evaluations (plus
+    ``delay`` seconds, to land inside an evaluation, a tell or the export)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(EVOMERGE + args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    if kill_at is not None or kill_after is not None:
+        deadline = time.time() + 600
+        while proc.poll() is None and time.time() < deadline:
+            if kill_after is not None and time.time() > deadline - 600 + kill_after:
+                break
+            if kill_at is not None and store.exists():
+                try:
+                    s = RunStore(store, readonly=True)
+                    n = s.count()
+                    s.close()
+                except Exception:  # being created
+                    n = 0
+                if n >= kill_at:
+                    time.sleep(delay)
+                    break
+            time.sleep(0.05)
+        if proc.poll() is None:
+            proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=900)
+    return proc.returncode, out
+
+
+def test_killed_and_resumed_run_follows_the_same_trajectory(zoo, tmp_path):
+    experiment(zoo, tmp_path, budget={"evaluations": 36})
+    ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
+    code, out = run_cli(["search", str(tmp_path / "exp.yaml"), "-o", str(ref_dir)], tmp_path)
+    assert code == 0, out
+    reference, _ = final_state(ref_dir)
+
+    rng = random.Random(0)
+    store = cut_dir / "phase0-ps" / "run.sqlite"
+    kill_points = sorted(rng.sample(range(1, 36), 3)) + [36]  # the last one lands in the export
+    args = ["search", str(tmp_path / "exp.yaml"), "-o", str(cut_dir)]
+    kills = 0
+    for point in kill_points:
+        code, out = run_cli(args, tmp_path, kill_at=point, store=store, delay=rng.uniform(0, 0.5))
+        kills += code == -signal.SIGKILL
+        args = ["resume", str(cut_dir)]
+        if code == 0:
+            break
+    code, out = run_cli(["resume", str(cut_dir)], tmp_path)
+    assert code == 0, out
+    assert kills >= 3, f"only {kills} kills landed"
+    resumed, hashes = final_state(cut_dir)
+    np.testing.assert_array_equal(resumed[0], reference[0])
+    assert resumed[1] == reference[1]
+    assert resumed[2] == reference[2]  # the same genomes were evaluated, each recorded once
+    assert len(hashes) == len(set(hashes)) == 36
+    assert resumed[3] == reference[3]
+    assert json.loads((cut_dir / "test_results.json").read_text()) == json.loads(
+        (ref_dir / "test_results.json").read_text())
+
+
+def test_ctrl_c_saves_and_says_how_to_resume(zoo, tmp_path):
+    experiment(zoo, tmp_path, budget={"evaluations": 600})
+    code, out = run_cli(["search", str(tmp_path / "exp.yaml"), "-o", str(tmp_path / "run")], tmp_path,
+                        kill_after=10, sig=signal.SIGINT)
+    assert code == 130, out
+    assert f"evomerge resume {tmp_path / 'run'}" in out
+    store = RunStore(tmp_path / "run" / "phase0-ps" / "run.sqlite", readonly=True)
+    assert store.count() > 0 and store.integrity_check() == "ok"
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"base_model": "nope"}, "base_model 'nope' is not a key of models"),
+    ({"search_space": "no_such_space"}, "search space 'no_such_space' not found"),
+    ({"searcher": {"name": "cmaes", "options": {}}, "budget": {"evaluations": 0}}, "greater than 0"),
+    ({"fitness": {"objectives": [{"name": "x", "benchmark": {"type": "itemz"}}]}}, "'type' must be one of"),
+    ({"frobnicate": 1}, "frobnicate"),
+])
+def test_bad_experiments_fail_before_any_model_loads(zoo, tmp_path, bad, message):
+    exp = experiment(zoo, tmp_path, **bad)
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(exp))
+    code, out = run_cli(["search", str(tmp_path / "bad.yaml"), "-o", str(tmp_path / "run")], tmp_path)
+    assert code == 2 and message in out, out
+    assert not (tmp_path / "run").exists()
