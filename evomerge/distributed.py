@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import socket
 import time
 from collections import deque
@@ -48,6 +49,12 @@ PASS_THROUGH_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLI
                     "EVOMERGE_HOME", "TOKENIZERS_PARALLELISM")
 #: Object store of an embedded Ray: tasks and results are KBs, so a small store leaves /dev/shm free.
 EMBEDDED_OBJECT_STORE_BYTES = 256 * 2**20
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _error_text(what: str, err: BaseException) -> str:
+    """A Ray error as one readable message for a run store (Ray colours its tracebacks)."""
+    return f"{what}: {type(err).__name__}: {_ANSI.sub('', str(err)).strip()}"
 
 
 class ClusterTooSmall(ValueError):
@@ -95,8 +102,8 @@ def plan_placement(nodes: Sequence[Mapping[str, Any]], workers: int, gpus_per_wo
     - ``device: cpu`` gives CPU workers; ``gpus_per_worker > 0`` GPU workers (fractions share a GPU).
     - ``gpus_per_worker == 0`` with ``device`` auto / cuda on a cluster that has GPUs spreads the
       workers over them: one GPU each, or an equal share when there are more workers than GPUs.
-    - CPU threads per worker, unless given: the cluster's CPUs divided among the workers (at most a
-      node's worth); GPU workers take 1 CPU.
+    - CPU threads per worker, unless given: the most CPUs each that still places every worker (the
+      cluster's CPUs shared out, at most a node's worth); GPU workers take 1 CPU.
 
     Raises :class:`ClusterTooSmall` (a ``ValueError``) naming the nodes when the workers do not fit.
     """
@@ -124,13 +131,21 @@ def plan_placement(nodes: Sequence[Mapping[str, Any]], workers: int, gpus_per_wo
         gpw = 1.0 if workers <= total else 1.0 / math.ceil(workers / total)
     if gpw > 1 and gpw != int(gpw):
         raise ValueError(f"gpus_per_worker={gpw:g}: above 1 it must be a whole number of GPUs")
-    cpw = cpus_per_worker or (1 if want_gpu else max(1, min(int(max(cpus, default=0)), int(sum(cpus)) // workers)))
-    capacity = 0
-    for c, g in zip(cpus, gpus):
-        fit = math.floor(c / cpw + 1e-9)
+    def capacity(cpw: int) -> int:
+        fits = [math.floor(c / cpw + 1e-9) for c in cpus]
         if gpw > 0:
-            fit = min(fit, math.floor(g / gpw + 1e-9))
-        capacity += fit
+            fits = [min(f, math.floor(g / gpw + 1e-9)) for f, g in zip(fits, gpus)]
+        return sum(fits)
+
+    if cpus_per_worker:
+        cpw = cpus_per_worker
+    elif want_gpu:
+        cpw = 1
+    else:  # the most CPUs each that still fits every worker (a node's CPUs are not split across nodes)
+        cpw = max(1, min(int(max(cpus, default=0)), int(sum(cpus)) // workers))
+        while cpw > 1 and capacity(cpw) < workers:
+            cpw -= 1
+    capacity = capacity(cpw)
     if capacity < workers:
         hint = f"use --workers {capacity}" if capacity else "add nodes"
         hint += ", or ask less per worker (--gpus-per-worker, fractions share a GPU)" if gpw else ""
@@ -290,7 +305,15 @@ class RayPool:
                          logging_level=level, log_to_driver=not quiet,
                          object_store_memory=EMBEDDED_OBJECT_STORE_BYTES)
             else:
-                ray.init(address=address, logging_level=level, log_to_driver=not quiet)
+                try:
+                    ray.init(address=address, logging_level=level, log_to_driver=not quiet)
+                except ConnectionError as err:
+                    if "auth" in f"{err} {err.__cause__}".lower():
+                        raise ValueError(
+                            f"the Ray cluster at {address} requires token authentication: run evomerge with "
+                            f"RAY_AUTH_MODE=token in its environment and the cluster's token in ~/.ray/auth_token "
+                            f"(or RAY_AUTH_TOKEN); see docs/cluster.md") from err
+                    raise
         finally:
             auth_log.setLevel(old)
         self._owns_ray = True
@@ -328,7 +351,7 @@ class RayPool:
             try:
                 slot.info = ray.get(ready[0])
             except ray.exceptions.RayError as err:
-                raise WorkerStartError(f"a worker failed to start: {err}") from None
+                raise WorkerStartError(_error_text("a worker failed to start", err)) from None
             slot.since = time.perf_counter()
 
     def _on_ready(self, ref: Any) -> None:
@@ -337,26 +360,39 @@ class RayPool:
             slot.info = self._ray.get(ref)
         except self._ray.exceptions.RayError as err:
             self._start_failures += 1
-            self._lost(slot, f"a replacement worker failed to start: {err}")
+            self._lost(slot, _error_text("a replacement worker failed to start", err))
             return
         slot.since = time.perf_counter()
         self._start_failures = 0
         self._dispatch()
 
     def _lost(self, slot: _Slot, message: str) -> None:
-        """``slot``'s actor is dead: charge the task it was running, re-queue the others, replace it."""
+        """``slot``'s actor is dead: keep results it returned before dying, charge the task it was
+        running, re-queue the ones only queued there (not their fault), and replace it."""
         if not slot.alive:
             return
+        ray = self._ray
         slot.alive = False
         slot.until = time.perf_counter()
-        for ref in [r for r, (_, s) in self._running.items() if s is slot]:
-            del self._running[ref]
+        refs = {t: r for r, (t, s) in self._running.items() if s is slot}
+        for r in refs.values():
+            del self._running[r]
         tickets, slot.inflight = slot.inflight, []
-        self._queue.extendleft(reversed(tickets[1:]))  # only queued there: not their fault, not charged
+        while tickets and tickets[0] in refs:  # an actor runs its tasks in order: the first unfinished is the culprit
+            ref = refs[tickets[0]]
+            if not ray.wait([ref], timeout=0)[0]:
+                break
+            try:
+                result, busy = ray.get(ref)
+            except ray.exceptions.RayError:
+                break
+            slot.busy_s += busy
+            self._finish(tickets.pop(0), result)
+        self._queue.extendleft(reversed(tickets[1:]))
         if tickets:
             self._charge(tickets[0], slot, message)
         try:
-            self._ray.kill(slot.actor, no_restart=True)
+            ray.kill(slot.actor, no_restart=True)
         except Exception:  # noqa: BLE001 - already gone
             pass
         if self._start_failures > self.max_start_failures:
@@ -376,7 +412,7 @@ class RayPool:
         if self._attempts[ticket] > self.max_retries:
             tries = self._attempts[ticket]
             self._finish(ticket, CandidateResult(worker=slot.name, error=(
-                f"worker lost {tries} time(s) while evaluating this candidate (max_retries={self.max_retries}); "
+                f"failed on a worker {tries} time(s), not retried further (max_retries={self.max_retries}); "
                 f"last: {message}")))
         else:
             self._queue.appendleft(ticket)
@@ -405,15 +441,17 @@ class RayPool:
 
     def _collect(self, ref: Any) -> None:
         ray = self._ray
-        ticket, slot = self._running.pop(ref)
+        ticket, slot = self._running[ref]
         try:
             result, busy = ray.get(ref)
         except ray.exceptions.RayActorError as err:
-            self._lost(slot, f"{type(err).__name__}: {err}")
+            self._lost(slot, _error_text(f"worker {slot.name} died", err))
         except ray.exceptions.RayError as err:  # an exception escaped the actor method; the actor lives
+            del self._running[ref]
             slot.inflight.remove(ticket)
-            self._charge(ticket, slot, f"{type(err).__name__}: {err}")
+            self._charge(ticket, slot, _error_text(f"an exception escaped worker {slot.name}", err))
         else:
+            del self._running[ref]
             slot.inflight.remove(ticket)
             slot.busy_s += busy
             self._finish(ticket, result)
@@ -442,7 +480,7 @@ class RayPool:
             try:
                 answers.append(ray.get(ref))
             except ray.exceptions.RayActorError as err:
-                self._lost(slot, f"{type(err).__name__}: {err}")  # its replacement replays this call
+                self._lost(slot, _error_text(f"worker {slot.name} died", err))  # its replacement replays this call
             # any other error is the method's own: it propagates, as it would in a LocalPool
         if not answers:
             raise RuntimeError(f"broadcast({method!r}): no worker answered (all died); see the Ray logs")

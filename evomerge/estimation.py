@@ -44,9 +44,15 @@ class FitnessEstimator:
                 out[r.benchmark] = float(self.estimators[r.benchmark].estimate(r.item_ids, r.scores))
         return out
 
-    def after_generation(self, driver: "Driver", store, genome, gen: int) -> None:
-        if self.kind == "full":
-            return
-        from evomerge.irt_search import drift_check
+    def sync(self, driver: "Driver", phase: int, gen: int) -> None:
+        """On (re)entering a phase at ``gen``: the calibration the run had there."""
+        if self.kind != "full":
+            from evomerge.irt_search import sync
 
-        drift_check(self, driver, store, genome, gen)
+            sync(self, driver, phase, gen)
+
+    def check_drift(self, driver: "Driver", store, genome, phase: int, gen: int) -> None:
+        if self.kind != "full":
+            from evomerge.irt_search import drift_check
+
+            drift_check(self, driver, store, genome, phase, gen)

@@ -114,7 +114,7 @@ def _phase_section(driver: "Driver", ph: "PhaseResult") -> str:
     fit = report.plot_fitness(rows, phase_dir / "fitness.png", f"phase {ph.index} ({ph.kind})")
     lines.append(f"![fitness]({fit.relative_to(driver.run_dir)})")
     if driver.n_obj > 1:
-        par = report.plot_pareto(rows, driver.names, phase_dir / "pareto.png")
+        par = report.plot_pareto(rows, [f"obj_{n}" for n in driver.names], phase_dir / "pareto.png")
         lines.append(f"![pareto]({par.relative_to(driver.run_dir)})")
     best = ph.best[0]
     genome = np.array(best.genome)
@@ -129,7 +129,7 @@ def _phase_section(driver: "Driver", ph: "PhaseResult") -> str:
         lines.append(f"![layer plan]({lay.relative_to(driver.run_dir)})")
     obj = ", ".join(f"{k} {v:.3f}" for k, v in best.objectives.items())
     lines += ["", f"Best candidate: fitness {best.fitness:.4f} ({obj}), generation {best.generation}."]
-    extra = driver.estimator_report(store) if hasattr(driver, "estimator_report") else ""
+    extra = driver.estimator_report(RunStore(ph.store_path), ph.genome)
     store.close()
     return "\n".join(lines + ([extra] if extra else []))
 

@@ -81,9 +81,9 @@ def plot_pareto(rows: Sequence[dict], names: Sequence[str], path: Path,
     for label, acc in (references or {}).items():
         if all(n in acc for n in names[:2]):
             ax.scatter([acc[names[0]]], [acc[names[1]]], marker="*", s=120, label=label)
-    ax.set_xlabel(names[0])
-    ax.set_ylabel(names[1])
-    ax.set_title("objectives (fitness split)")
+    ax.set_xlabel(names[0].removeprefix("obj_"))
+    ax.set_ylabel(names[1].removeprefix("obj_"))
+    ax.set_title("objectives of every candidate (fitness split)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -168,6 +168,7 @@ class Driver:
         else:
             searcher = Searcher.from_state(last[1])
             gen = last[0] + 1
+        self.estimator.sync(self, k, gen)
         columns = [TextColumn(f"phase {k} ({space.kind})"), BarColumn(), TextColumn("{task.completed}/{task.total} evals"),
                    TextColumn("gen {task.fields[gen]}"), TextColumn("best {task.fields[best]}"),
                    TimeElapsedColumn(), TimeRemainingColumn()]
@@ -179,10 +180,10 @@ class Driver:
                 genomes = searcher.ask()
                 store.begin_generation(gen, genomes)
                 self._evaluate(store, genome, genomes, gen, progress, task)
+                self.estimator.check_drift(self, store, genome, k, gen)
                 values = np.array([self.search_values(store.lookup(g)) for g in genomes])
                 searcher.tell(genomes, values)
                 store.commit_tell(gen, searcher.state_dict())
-                self.after_generation(store, genome, gen)
                 gen += 1
                 progress.update(task, completed=min(store.count(), budget), gen=gen, best=self._best_text(store))
         best = self.choose(store)
@@ -209,8 +210,12 @@ class Driver:
                 generation=gen, seed=seed))
             progress.update(task, completed=store.count(), best=self._best_text(store))
 
-    def after_generation(self, store: RunStore, genome, gen: int) -> None:
-        self.estimator.after_generation(self, store, genome, gen)
+    def estimator_report(self, store: RunStore, genome) -> str:
+        if self.exp.fitness.estimator.kind == "full":
+            return ""
+        from evomerge.irt_search import final_check
+
+        return final_check(self, store, genome)
 
     # -- objectives -----------------------------------------------------------------------------
     def fitness(self, objectives: dict[str, float]) -> float:
