@@ -18,6 +18,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Evolutionary model merging: search merge recipes, score them cheaply, export the best.")
 zoo_app = typer.Typer(no_args_is_help=True, help="The built-in tiny model zoo.")
 app.add_typer(zoo_app, name="zoo")
+irt_app = typer.Typer(no_args_is_help=True, help="IRT-reduced fitness: calibrate on your own benchmark.")
+app.add_typer(irt_app, name="irt")
 console = Console(stderr=True)
 
 
@@ -46,6 +48,28 @@ def zoo_build(out: Optional[Path] = typer.Option(None, "--out", help="Zoo root f
     report = zoo.accuracy()
     print_accuracy(report["accuracy"], report["checks"], zoo.skills + [zoo.spec.cross_target], console)
     print(zoo.root)
+
+
+@irt_app.command("calibrate")
+def irt_calibrate(experiment: Path = typer.Argument(..., exists=True, dir_okay=False, help="Experiment YAML."),
+                  out: Path = typer.Option(..., "-o", "--out", help="Folder for <benchmark>.npz calibrations."),
+                  models: Optional[int] = typer.Option(None, help="Random merges in the calibration population "
+                                                                 "(default: the experiment's calibration_models)."),
+                  ) -> None:
+    """Evaluate the sources and random merges of the experiment's search space on every fitness item,
+    fit (M)2PL models per benchmark, choose anchors for the item budget, and save the calibration.
+    Point `fitness.estimator.calibration` at the folder to reuse it in searches."""
+    from evomerge.config import load_experiment
+    from evomerge.irt_search import calibrate_population
+    from evomerge.search import Driver
+
+    try:
+        exp = load_experiment(experiment)
+        driver = Driver(exp, out, experiment.resolve().parent, console)
+        calibrate_population(driver, out, models if models is not None else exp.fitness.estimator.calibration_models)
+    except ValueError as err:
+        _fail(str(err))
+    print(out)
 
 
 @app.command("merge")

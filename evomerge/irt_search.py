@@ -93,9 +93,9 @@ def _population(names: list[str], full: dict[str, dict[str, np.ndarray]], bench:
     return Population(names, item_ids, np.stack([full[n][bench] for n in names]))
 
 
-def _calibrate_all(driver: "Driver", populations: dict[str, Population], parents: list[str], tag: int) -> dict[str, Calibration]:
+def _calibrate_all(driver: "Driver", populations: dict[str, Population], parents: list[str],
+                   out_dir: Path) -> dict[str, Calibration]:
     spec = driver.exp.fitness.estimator
-    out_dir = _cal_dir(driver.run_dir, tag)
     out_dir.mkdir(parents=True, exist_ok=True)
     cals = {}
     for bench, pop in populations.items():
@@ -112,6 +112,36 @@ def _load(run_dir: Path, tag: int) -> tuple[dict[str, Calibration], dict[str, Po
     cals = {p.name[: -len(".npz")]: Calibration.load(p) for p in sorted(d.glob("*.npz")) if ".population" not in p.name}
     pops = {p.name[: -len(".population.npz")]: Population.load(p) for p in sorted(d.glob("*.population.npz"))}
     return cals, pops
+
+
+def calibrate_population(driver: "Driver", out_dir: Path, n_models: int) -> dict[str, Calibration]:
+    """Evaluate the sources and ``n_models`` random genomes of the first phase on every fitness item,
+    calibrate each benchmark, save ``<benchmark>.npz`` (+ its population) into ``out_dir``."""
+    from evomerge.outputs import reference_recipes
+
+    benches = _item_benchmarks(driver)
+    genome = driver.genome_space(0, driver.spaces[0], [])
+    rng = np.random.default_rng(driver.exp.seed + 7919)
+    recipes = {f"source:{m}": r for m, r in reference_recipes(driver).items() if m != "uniform merge"}
+    for j in range(n_models):
+        x = rng.uniform(genome.lower, genome.upper)
+        recipes[f"random:{j}"] = genome.decode(x, j)
+    driver.console.print(f"calibrating the fitness estimator: {len(recipes)} models x "
+                         f"{sum(len(v) for v in benches.values())} items")
+    full = evaluate_full(driver, recipes)
+    names = list(recipes)
+    parents = [n for n in names if n.startswith("source:")]
+    pops = {b: _population(names, full, b, ids) for b, ids in benches.items()}
+    cals = _calibrate_all(driver, pops, parents, out_dir)
+    budget = driver.exp.fitness.estimator.budget
+    for b, cal in cals.items():
+        v = cal.validation
+        n = len(cal.anchors_for(budget))
+        base = v["baselines"].get(str(n), {})
+        driver.console.print(f"  {b}: D={v['chosen_dim']}, {n} anchor items; cross-validated MAE "
+                             f"{v['score'][str(v['chosen_dim'])]:.4f} (random subsample "
+                             f"{base.get('random', float('nan')):.4f})")
+    return cals
 
 
 def prepare_estimators(driver: "Driver", run_dir: Path) -> dict[str, Any]:
@@ -133,25 +163,7 @@ def prepare_estimators(driver: "Driver", run_dir: Path) -> dict[str, Any]:
     if tag is not None:  # a resumed run: the estimators are re-synced to its generation by sync()
         cals, _ = _load(run_dir, tag)
         return _estimators(driver, cals)
-    from evomerge.outputs import reference_recipes
-
-    genome = driver.genome_space(0, driver.spaces[0], [])
-    rng = np.random.default_rng(driver.exp.seed + 7919)
-    recipes = {f"source:{m}": r for m, r in reference_recipes(driver).items() if m != "uniform merge"}
-    for j in range(spec.calibration_models):
-        x = rng.uniform(genome.lower, genome.upper)
-        recipes[f"random:{j}"] = genome.decode(x, j)
-    driver.console.print(f"calibrating the fitness estimator: {len(recipes)} models x "
-                         f"{sum(len(v) for v in benches.values())} items")
-    full = evaluate_full(driver, recipes)
-    names = list(recipes)
-    parents = [n for n in names if n.startswith("source:")]
-    pops = {b: _population(names, full, b, ids) for b, ids in benches.items()}
-    cals = _calibrate_all(driver, pops, parents, INITIAL)
-    for b, cal in cals.items():
-        v = cal.validation
-        driver.console.print(f"  {b}: D={v['chosen_dim']}, {len(cal.anchors_for(spec.budget))} anchor items, "
-                             f"cross-validated MAE {v['score'][str(v['chosen_dim'])]:.4f}")
+    cals = calibrate_population(driver, _cal_dir(run_dir, INITIAL), spec.calibration_models)
     return _estimators(driver, cals)
 
 
@@ -198,7 +210,7 @@ def drift_check(fe: "FitnessEstimator", driver: "Driver", store, genome, phase: 
         target.mkdir(parents=True, exist_ok=True)
         cals[b].save(target / f"{b}.npz")
         pops[b].save(target / f"{b}.population.npz")
-    new = _calibrate_all(driver, {b: pops[b] for b in drifted}, parents, new_tag)
+    new = _calibrate_all(driver, {b: pops[b] for b in drifted}, parents, target)
     cals.update(new)
     fe.estimators = _estimators(driver, cals)
     driver.console.print(f"drift at generation {gen}: {', '.join(f'{b} {errors[b]:.3f}' for b in sorted(drifted))} "

@@ -48,7 +48,7 @@ def test_item_splits_are_disjoint_and_span_the_difficulty_ladder(zoo):
         assert not prompts["test"] & prompts["train"]
         assert not prompts["fitness"] & prompts["train"]
         lengths = {r["length"] for r in splits["test"]}
-        assert lengths == set(range(zoo.spec.lengths[0], zoo.spec.lengths[1] + 1))
+        assert lengths == set(range(zoo.spec.item_lengths[0], zoo.spec.item_lengths[1] + 1))
         for row in splits["fitness"][:50]:
             digits = row["prompt"].split(":", 1)[1][:-1]
             assert SKILLS[skill].fn(digits) == row["answer"]
