@@ -171,7 +171,9 @@ class WorkerActor:
         ctx = ray.get_runtime_context()
         self.node_id = ctx.get_node_id()
         self.actor_id = ctx.get_actor_id()
-        name = f"ray-{self.node_id[:8]}-{self.actor_id[:8]}:{socket.gethostname()}:{os.getpid()}:{device}"
+        # cuda[3]: the GPU Ray gave this actor (it sets CUDA_VISIBLE_DEVICES), so reports say which.
+        label = f"cuda[{os.environ.get('CUDA_VISIBLE_DEVICES', '')}]" if device == "cuda" else device
+        name = f"ray-{self.node_id[:8]}-{self.actor_id[:8]}:{socket.gethostname()}:{os.getpid()}:{label}"
         self.worker = Worker(**{**worker_kwargs, "device": device, "threads": threads, "name": name})
         for method, args, kwargs in replay:
             getattr(self.worker, method)(*args, **kwargs)
@@ -243,6 +245,8 @@ class RayPool:
                                 ("max_start_failures", max_start_failures, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
         if not start_timeout_s > 0:
             raise ValueError(f"start_timeout_s must be > 0 seconds, got {start_timeout_s!r}")
         if address is not None and (not isinstance(address, str) or not address.strip()
@@ -268,12 +272,12 @@ class RayPool:
         self._done: deque[tuple[int, CandidateResult]] = deque()
         self._discard: set[int] = set()
         self._next_ticket = 0
-        self._start_failures = 0
-        self.restarts = 0
+        self._start_failures = 0  # replacements in a row that died before they were ready
+        self.restarts = 0  # replacement actors started so far
         import ray
 
         self._ray = ray
-        self._connect(address, workers, quiet)
+        self._connect(address, quiet)
         try:
             self.placement = plan_placement(ray.nodes(), workers, gpus_per_worker, cpus_per_worker,
                                             str(self.worker_kwargs.get("device", "auto")))
@@ -285,10 +289,9 @@ class RayPool:
         except BaseException:
             self.close()
             raise
-        self._t0 = time.perf_counter()
 
     # -- Ray and actors -------------------------------------------------------------------------
-    def _connect(self, address: Optional[str], workers: int, quiet: bool) -> None:
+    def _connect(self, address: Optional[str], quiet: bool) -> None:
         """Join ``address``, reuse a Ray this process already started, or start an embedded one."""
         ray = self._ray
         if ray.is_initialized():
@@ -332,7 +335,7 @@ class RayPool:
         actor = self._actor_class.options(
             num_cpus=p.cpus, num_gpus=p.gpus, max_restarts=0, max_task_retries=0, scheduling_strategy="SPREAD",
             runtime_env={"env_vars": self._env},
-        ).remote(self.worker_kwargs, p.cpus, p.device, list(self._replay))
+        ).remote(self.worker_kwargs, p.cpus, p.device, [])
         return _Slot(actor, actor.ready.remote())
 
     def _await_start(self, timeout_s: float) -> None:
@@ -355,13 +358,13 @@ class RayPool:
             slot.since = time.perf_counter()
 
     def _on_ready(self, ref: Any) -> None:
-        slot = self._starting.pop(ref)
+        slot = self._starting[ref]
         try:
             slot.info = self._ray.get(ref)
         except self._ray.exceptions.RayError as err:
-            self._start_failures += 1
             self._lost(slot, _error_text("a replacement worker failed to start", err))
             return
+        del self._starting[ref]
         slot.since = time.perf_counter()
         self._start_failures = 0
         self._dispatch()
@@ -374,6 +377,9 @@ class RayPool:
         ray = self._ray
         slot.alive = False
         slot.until = time.perf_counter()
+        if slot.since is None:  # it died before it was ready: a start-up failure
+            self._start_failures += 1
+            self._starting.pop(slot.ready_ref, None)
         refs = {t: r for r, (t, s) in self._running.items() if s is slot}
         for r in refs.values():
             del self._running[r]
@@ -427,7 +433,13 @@ class RayPool:
             self._done.append((ticket, result))
 
     def _dispatch(self) -> None:
-        """Hand queued tasks to ready actors with room, the least loaded first."""
+        """Hand queued tasks to ready actors with room, the least loaded first (replacements that
+        finished starting count as ready at once)."""
+        if self._starting:
+            started, _ = self._ray.wait(list(self._starting), num_returns=len(self._starting), timeout=0)
+            for ref in started:
+                if ref in self._starting:
+                    self._on_ready(ref)
         while self._queue:
             open_ = [s for s in self._slots if s.ready and len(s.inflight) < self.depth]
             if not open_:

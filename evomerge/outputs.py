@@ -34,8 +34,7 @@ def export_recipe(driver: "Driver", recipe: Recipe, out: Path) -> Path:
     if recipe.plan is not None:
         from evomerge.dfs import merge_plan_to_disk
 
-        plan = recipe.plan.to_dict()
-        (out.parent / f"{out.name}.layer_plan.yml").write_text(yaml.safe_dump({"layer_plan": plan}, sort_keys=False))
+        (out.parent / f"{out.name}.layer_plan.yml").write_text(recipe.plan.to_yaml())
         merge_plan_to_disk(out.parent / f"{out.name}.layer_plan.yml", out, allow_pickle=driver.exp.allow_pickle)
         return out
     from evomerge.merge.files import merge_to_disk
@@ -120,7 +119,7 @@ def _phase_section(driver: "Driver", ph: "PhaseResult") -> str:
     genome = np.array(best.genome)
     if ph.kind == "ps":
         heat = report.plot_heatmap(ph.genome.layer_table(genome), phase_dir / "coefficients.png",
-                                   "searched coefficients of the best candidate")
+                                   "best candidate: searched coefficients")
         lines.append(f"![coefficients]({heat.relative_to(driver.run_dir)})")
     else:
         plan = ph.recipes[0].plan

@@ -99,17 +99,17 @@ def plot_heatmap(table: dict[tuple[str, str, str], list[float]], path: Path, tit
     grid = np.full((len(keys), width), np.nan)
     for i, k in enumerate(keys):
         grid[i, : len(table[k])] = table[k]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * width, 0.9 + 0.32 * len(keys)))
+    fig, ax = plt.subplots(figsize=(max(5.0, 2.4 + 0.6 * width), 1.4 + 0.32 * len(keys)))
     im = ax.imshow(grid, aspect="auto", cmap="viridis")
     ax.set_yticks(range(len(keys)), [".".join(k) for k in keys], fontsize=8)
     ax.set_xticks(range(width), [str(i) for i in range(width)] if width > 1 else ["all"])
-    ax.set_xlabel("layer")
+    ax.set_xlabel("layer ('other' rows: embeddings, final norm and head, one value)")
     for i in range(grid.shape[0]):
         for j in range(grid.shape[1]):
             if np.isfinite(grid[i, j]):
                 ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w")
     fig.colorbar(im, ax=ax)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
