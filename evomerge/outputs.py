@@ -80,8 +80,9 @@ def finish_run(driver: "Driver", phases: list["PhaseResult"]) -> Path:
         name = "best" if len(final.best) == 1 else f"pareto-{j + 1}"
         export_recipe(driver, recipe, run_dir / name)
         chosen[name] = recipe
+    earlier = {f"phase {ph.index} best ({ph.kind})": ph.recipes[0] for ph in phases[:-1]}
     driver.console.print("evaluating the chosen model(s) and the references on the held-out test split...")
-    test = test_evaluation(driver, chosen)
+    test = test_evaluation(driver, {**chosen, **earlier})
     (run_dir / "test_results.json").write_text(json.dumps(test, indent=1))
     sections = []
     for ph in phases:
