@@ -209,6 +209,16 @@ def fit_m2pl(Y: np.ndarray, dim: int, *, sigma_theta: float = 1.0, sigma_a: floa
                      theta.detach().double().numpy(), obj, int(evals), time.perf_counter() - t0)
 
 
+def _seen_responses(index: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Item positions as int64, responses as (B, n) float64, and whether one model was given."""
+    index = np.asarray(index, dtype=np.int64)
+    y = np.asarray(y, dtype=np.float64)
+    y2 = np.atleast_2d(y)
+    if y2.shape[1] != len(index):
+        raise ValueError(f"{len(index)} item positions but responses of shape {y.shape}")
+    return index, y2, y.ndim == 1
+
+
 def estimate_theta(items: ItemParams, index: np.ndarray, y: np.ndarray, prior: Prior | None = None,
                    steps: int = 12) -> np.ndarray:
     """MAP abilities of models seen on some items, item parameters fixed.
@@ -216,12 +226,7 @@ def estimate_theta(items: ItemParams, index: np.ndarray, y: np.ndarray, prior: P
     ``index``: item positions (n,) shared by every model; ``y``: responses (n,) for one model or
     (B, n) for B models (NaN = not seen). Returns (D,) or (B, D).
     """
-    index = np.asarray(index, dtype=np.int64)
-    y = np.asarray(y, dtype=np.float64)
-    single = y.ndim == 1
-    y2 = np.atleast_2d(y)
-    if y2.shape[1] != len(index):
-        raise ValueError(f"{len(index)} item positions but responses of shape {y.shape}")
+    index, y2, single = _seen_responses(index, y)
     prior = prior or Prior.standard(items.dim)
     mask = torch.as_tensor(~np.isnan(y2), dtype=DTYPE)
     yt = torch.as_tensor(np.nan_to_num(y2), dtype=DTYPE)
@@ -243,12 +248,7 @@ def estimate_mixture(items: ItemParams, index: np.ndarray, y: np.ndarray, parent
 
     ``y``: (n,) for one model or (B, n) for B models (NaN = not seen). Returns (J,) or (B, J).
     """
-    index = np.asarray(index, dtype=np.int64)
-    y = np.asarray(y, dtype=np.float64)
-    single = y.ndim == 1
-    y2 = np.atleast_2d(y)
-    if y2.shape[1] != len(index):
-        raise ValueError(f"{len(index)} item positions but responses of shape {y.shape}")
+    index, y2, single = _seen_responses(index, y)
     parents = np.atleast_2d(np.asarray(parents, dtype=np.float64))
     if parents.shape[1] != items.dim:
         raise ValueError(f"parents' abilities have dimension {parents.shape[1]}, the items {items.dim}")
