@@ -133,6 +133,10 @@ def search(experiment: Path = typer.Argument(..., exists=True, dir_okay=False, h
         raise typer.Exit(130)
     except (RunExists, ValueError) as err:
         _fail(str(err))
+    except RuntimeError as err:
+        if type(err).__name__ != "WorkerStartError":  # a bug: keep its traceback
+            raise
+        _fail(str(err))
     print(run_dir)
 
 

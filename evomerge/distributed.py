@@ -335,7 +335,7 @@ class RayPool:
         actor = self._actor_class.options(
             num_cpus=p.cpus, num_gpus=p.gpus, max_restarts=0, max_task_retries=0, scheduling_strategy="SPREAD",
             runtime_env={"env_vars": self._env},
-        ).remote(self.worker_kwargs, p.cpus, p.device, [])
+        ).remote(self.worker_kwargs, p.cpus, p.device, list(self._replay))
         return _Slot(actor, actor.ready.remote())
 
     def _await_start(self, timeout_s: float) -> None:

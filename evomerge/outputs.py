@@ -98,7 +98,6 @@ def finish_run(driver: "Driver", phases: list["PhaseResult"]) -> Path:
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
     _write_report(driver, phases, sections, test, util, chosen)
     _print_test(driver, test)
-    driver.pool.close()
     return run_dir
 
 

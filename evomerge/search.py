@@ -124,13 +124,16 @@ class Driver:
             self.estimator = FitnessEstimator.prepare(self, self.run_dir)
             for k, (space, phase) in enumerate(zip(self.spaces, self.exp.phases or [])):
                 results.append(self.run_phase(k, space, phase.budget, results))
+            from evomerge.outputs import finish_run
+
+            finish_run(self, results)
         except KeyboardInterrupt:
             self.console.print(f"\n[yellow]stopped; every finished evaluation is saved.[/yellow] "
                                f"Resume with:\n  evomerge resume {self.run_dir}", soft_wrap=True)
             raise
-        from evomerge.outputs import finish_run
-
-        finish_run(self, results)
+        finally:
+            if self._pool is not None:  # an embedded Ray goes down with the run, also on errors
+                self._pool.close()
         return results
 
     def genome_space(self, k: int, space: PSSpace | DFSSpace, earlier: list[PhaseResult]):
@@ -176,6 +179,8 @@ class Driver:
             done = store.count()
             task = progress.add_task("search", total=budget, completed=min(done, budget), gen=gen,
                                      best=self._best_text(store))
+            if searcher.steady_state and hasattr(self.pool, "submit"):
+                gen = self._steady(store, genome, searcher, k, budget, gen, progress, task)
             while store.count() < budget:
                 genomes = searcher.ask()
                 store.begin_generation(gen, genomes)
@@ -201,14 +206,49 @@ class Driver:
         items = list(todo.values())
         tasks = [Task(r, self.estimator.selection(), "fitness", s) for _, r, s in items]
         for i, result in self.pool.run(tasks):
-            g, recipe, seed = items[i]
-            objectives = self.estimator.estimate(result) if result.ok else {}
-            store.record(Evaluation.of(
-                genome=g, recipe=_recipe_text(recipe), objectives=objectives,
-                fitness=self.fitness(objectives), responses=[r.to_json() for r in result.responses],
-                seconds=result.merge_seconds + result.eval_seconds, worker=result.worker, error=result.error,
-                generation=gen, seed=seed))
+            self._record(store, *items[i], result, gen)
             progress.update(task, completed=store.count(), best=self._best_text(store))
+
+    def _record(self, store: RunStore, g: np.ndarray, recipe: Recipe, seed: int, result, gen: int) -> None:
+        objectives = self.estimator.estimate(result) if result.ok else {}
+        store.record(Evaluation.of(
+            genome=g, recipe=_recipe_text(recipe), objectives=objectives,
+            fitness=self.fitness(objectives), responses=[r.to_json() for r in result.responses],
+            seconds=result.merge_seconds + result.eval_seconds, worker=result.worker, error=result.error,
+            generation=gen, seed=seed))
+
+    def _steady(self, store: RunStore, genome, searcher: Searcher, k: int, budget: int, gen: int, progress,
+                task) -> int:
+        """Steady state (nevergrad, random) on a pool with ``submit`` (RayPool): ask one genome the
+        moment a worker has room and tell each result as it arrives, so no worker waits for the
+        slowest candidate of a generation. Each tell is committed as a one-genome generation: after a
+        kill the searcher comes back with the genomes that were in flight and ``ask`` hands them out
+        first; those finished before the kill are found in the store and told at once."""
+        pool = self.pool
+        flying: dict[int, tuple[np.ndarray, Recipe, int]] = {}
+        while True:
+            while pool.free_slots() > 0 and store.count() + len(flying) < budget:
+                g = searcher.ask(1)[0]
+                if store.lookup(g) is not None:
+                    gen = self._tell_one(store, genome, searcher, g, k, gen)
+                    continue
+                seed = genome_seed(g, self.exp.seed)
+                recipe = genome.decode(g, seed)
+                flying[pool.submit(Task(recipe, self.estimator.selection(), "fitness", seed))] = (g, recipe, seed)
+            if not flying:
+                return gen
+            ticket, result = pool.next_done()
+            g, recipe, seed = flying.pop(ticket)
+            self._record(store, g, recipe, seed, result, gen)
+            gen = self._tell_one(store, genome, searcher, g, k, gen)
+            progress.update(task, completed=min(store.count(), budget), gen=gen, best=self._best_text(store))
+
+    def _tell_one(self, store: RunStore, genome, searcher: Searcher, g: np.ndarray, k: int, gen: int) -> int:
+        store.begin_generation(gen, [g])
+        self.estimator.check_drift(self, store, genome, k, gen)
+        searcher.tell([g], np.array([self.search_values(store.lookup(g))]))
+        store.commit_tell(gen, searcher.state_dict())
+        return gen + 1
 
     def estimator_report(self, store: RunStore, genome) -> str:
         if self.exp.fitness.estimator.kind == "full":
