@@ -140,6 +140,23 @@ def search(experiment: Path = typer.Argument(..., exists=True, dir_okay=False, h
     print(run_dir)
 
 
+@app.command("fuse")
+def fuse(experiment: Path = typer.Argument(..., exists=True, dir_okay=False, help="Fusion experiment YAML."),
+         output_dir: Optional[Path] = typer.Option(
+             None, "--output-dir", "-o", help="Run folder (default runs/<name>); a stopped run there continues."),
+         ) -> None:
+    """Fuse models of any architecture and tokenizer into a target through their output distributions (FuseLLM)."""
+    from evomerge.fuse import run_fuse
+
+    try:
+        run_dir = run_fuse(experiment, console, output_dir)
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
+    except ValueError as err:
+        _fail(str(err))
+    print(run_dir)
+
+
 @app.command("resume")
 def resume_cmd(run_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="A run folder.")) -> None:
     """Continue a stopped or killed search exactly where it stopped."""

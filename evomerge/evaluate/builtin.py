@@ -47,8 +47,13 @@ class Item:
 
 
 def resolve_items_ref(ref: str | Path) -> Path:
-    """A JSONL path, or ``zoo:<skill>/<split>`` resolved in the zoo's cache (built on first use)."""
+    """A JSONL path, ``zoo:<skill>/<split>`` resolved in the zoo's cache (built on first use), or
+    ``hetero:<skill>/<split>`` for the heterogeneous expert's skill (see evomerge.zoo.hetero)."""
     text = str(ref)
+    if text.startswith("hetero:"):
+        from evomerge.fuse.data import resolve_data_ref
+
+        return resolve_data_ref(text)
     if text.startswith("zoo:"):
         skill, _, split = text[len("zoo:"):].partition("/")
         if not skill or not split or "/" in split:

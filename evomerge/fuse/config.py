@@ -82,6 +82,20 @@ def check_model_ref(field: str, ref: str, root: Path) -> None:
                          "give a folder, 'zoo:<name>' or 'hetero:<skill>'")
 
 
+def check_data_ref(field: str, ref: str, root: Path) -> None:
+    """Raise, naming the field, when an item reference is malformed or a file is missing."""
+    for scheme in ("zoo:", "hetero:"):
+        if ref.startswith(scheme):
+            skill, _, split = ref[len(scheme):].partition("/")
+            if not skill or not split or "/" in split:
+                raise ValueError(f"{field}: '{ref}' must look like '{scheme}<skill>/<split>', e.g. '{scheme}"
+                                 f"{'rev' if scheme == 'zoo:' else 'dup'}/train'")
+            return
+    if not (root / ref).expanduser().is_file() and not Path(ref).expanduser().is_file():
+        raise ValueError(f"{field}: item file '{ref}' does not exist (looked beside the experiment file and in "
+                         "the working directory); give a JSONL path, 'zoo:<skill>/<split>' or 'hetero:<skill>/<split>'")
+
+
 class FuseExperiment(Strict):
     name: str
     seed: int = 0
@@ -119,6 +133,10 @@ class FuseExperiment(Strict):
                 raise ValueError(f"target '{self.target}' is neither a source ({', '.join(sorted(self.sources))}) "
                                  "nor a model folder, 'zoo:<name>' or 'hetero:<skill>'; name one of the sources "
                                  "or give the path of a checkpoint") from None
+
+        for where, ref in [*((f"data[{i}].path", d.path) for i, d in enumerate(self.data)),
+                           *((f"eval[{i}]", r) for i, r in enumerate(self.eval))]:
+            check_data_ref(where, ref, root)
 
     @property
     def target_ref(self) -> str:

@@ -59,12 +59,15 @@ class HeteroSpec:
 
     seed: int = 0
     skill: str = "dup"
-    bpe_vocab_size: int = 320  # 256 byte symbols + 3 specials + ~60 merges
+    # 256 byte symbols + 3 specials + 10 merges, which on this corpus are exactly the doubled digits
+    # ``00``..``99``. Measured: with 61 merges (all frequent digit pairs, ``3829`` -> ``38`` ``29``) the
+    # same model reached .67 on dup in 800 steps, .87 in 1,500; with the 10 it reaches .92 in 1,000.
+    bpe_vocab_size: int = 269
     n_embd: int = 128
     n_layer: int = 4
     n_head: int = 4
     n_positions: int = 64
-    steps: int = 800
+    steps: int = 1200
     lr: float = 2e-3
     batch_size: int = 64
     lengths: tuple[int, int] = (3, 8)  # training strings; item files use the zoo's item lengths
