@@ -111,6 +111,13 @@ class Objective(Strict):
     name: str
     benchmark: dict[str, Any]  # an evaluator spec, see evomerge.evaluate.registry
     weight: float = 1.0
+    # For a custom function that returns several named values (a dict, or several ItemResponses):
+    # their names; each becomes an objective of its own with this entry's weight.
+    outputs: Optional[list[str]] = None
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.outputs) if self.outputs else [self.name]
 
     @field_validator("name")
     @classmethod
@@ -146,7 +153,7 @@ class Fitness(Strict):
 
     @model_validator(mode="after")
     def _names(self) -> "Fitness":
-        names = [o.name for o in self.objectives]
+        names = [n for o in self.objectives for n in o.names]
         if not names:
             raise ValueError("fitness.objectives is empty; give at least one benchmark to score candidates on")
         if len(set(names)) != len(names):

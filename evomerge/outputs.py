@@ -134,7 +134,7 @@ def _phase_section(driver: "Driver", ph: "PhaseResult") -> str:
 
 
 def _write_report(driver, phases, sections, test, util, chosen) -> None:
-    names = [o.name for o in driver.exp.fitness.test]
+    names = [n for o in driver.exp.fitness.test for n in o.names]
     lines = [f"# evomerge run: {driver.exp.name}", "",
              f"Models: {', '.join(f'{k} ({v})' for k, v in driver.exp.models.items())}; base `{driver.exp.base_model}`. "
              f"Searcher `{driver.exp.searcher.name}`, seed {driver.exp.seed}, estimator "
@@ -160,7 +160,7 @@ def _print_test(driver, test) -> None:
 
     if not test:
         return
-    names = [o.name for o in driver.exp.fitness.test]
+    names = [n for o in driver.exp.fitness.test for n in o.names]
     table = Table(title="held-out test accuracy")
     table.add_column("model")
     for n in names:

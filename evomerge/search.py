@@ -64,7 +64,7 @@ def resolve_models(exp: Experiment, root: Path) -> dict[str, Path]:
 
 def n_objectives(exp: Experiment) -> int:
     multi = exp.searcher.name in MULTI_OBJECTIVE or exp.searcher.options.get("multi_objective", False)
-    return len(exp.fitness.objectives) if multi else 1
+    return sum(len(o.names) for o in exp.fitness.objectives) if multi else 1
 
 
 @dataclass
@@ -90,8 +90,8 @@ class Driver:
         self.paths = resolve_models(exp, exp_dir)
         self.others = [m for m in exp.models if m != exp.base_model]
         self.n_obj = n_objectives(exp)
-        self.names = [o.name for o in exp.fitness.objectives]
-        self.weights = np.array([o.weight for o in exp.fitness.objectives], dtype=float)
+        self.names = [n for o in exp.fitness.objectives for n in o.names]
+        self.weights = np.array([o.weight for o in exp.fitness.objectives for _ in o.names], dtype=float)
         self._pool = pool
 
     # -- workers --------------------------------------------------------------------------------
@@ -211,6 +211,10 @@ class Driver:
 
     def _record(self, store: RunStore, g: np.ndarray, recipe: Recipe, seed: int, result, gen: int) -> None:
         objectives = self.estimator.estimate(result) if result.ok else {}
+        missing = [n for n in self.names if n not in objectives]
+        if result.ok and missing:
+            result.error = (f"the fitness returned {sorted(objectives)} but the experiment's objectives are "
+                            f"{self.names}: name a custom function's values with `outputs:`")
         store.record(Evaluation.of(
             genome=g, recipe=_recipe_text(recipe), objectives=objectives,
             fitness=self.fitness(objectives), responses=[r.to_json() for r in result.responses],

@@ -187,3 +187,27 @@ def test_bad_experiments_fail_before_any_model_loads(zoo, tmp_path, bad, message
     code, out = run_cli(["search", str(tmp_path / "bad.yaml"), "-o", str(tmp_path / "run")], tmp_path)
     assert code == 2 and message in out, out
     assert not (tmp_path / "run").exists()
+
+
+def test_custom_function_with_two_objectives_drives_nsga2(zoo, tmp_path):
+    """A user's fitness function returning {"rev": .., "tr": ..} feeds a two-objective search."""
+    root = Path(__file__).resolve().parent.parent
+    fn = f"{root / 'fitness/examples/two_objectives.py'}:score"
+    exp = experiment(zoo, tmp_path, budget={"evaluations": 8}, searcher={"name": "nsga2", "options": {"pop_size": 4}},
+                     fitness={"objectives": [{"name": "skills", "outputs": ["rev", "tr"],
+                                              "benchmark": {"type": "custom", "fn": fn, "kwargs": {"n_items": 12}}}]})
+    run_dir = start(tmp_path / "exp.yaml", tmp_path / "run")
+    store = RunStore(run_dir / "phase0-ps" / "run.sqlite", readonly=True)
+    evs = store.evaluations()
+    assert len(evs) == 8 and all(e.status == "ok" for e in evs)
+    assert all(set(e.objectives) == {"rev", "tr"} for e in evs)
+    assert (run_dir / "phase0-ps" / "pareto.png").exists()
+    # the same function without `outputs:` is a clear per-candidate error, not a crash
+    exp["fitness"]["objectives"][0].pop("outputs")
+    exp["searcher"] = {"name": "cmaes", "options": {"popsize": 4}}
+    exp["budget"] = {"evaluations": 4}
+    (tmp_path / "exp2.yaml").write_text(yaml.safe_dump(exp))
+    with pytest.raises(RuntimeError, match="no candidate"):
+        start(tmp_path / "exp2.yaml", tmp_path / "run2")
+    store = RunStore(tmp_path / "run2" / "phase0-ps" / "run.sqlite", readonly=True)
+    assert all("outputs:" in e.error for e in store.evaluations())
