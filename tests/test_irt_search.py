@@ -1,0 +1,79 @@
+"""IRT fitness inside real searches: calibration CLI, anchors per candidate, drift guard, exact resume."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from evomerge.irt.calibration import Calibration
+from evomerge.runstore import RunStore
+from evomerge.search import start
+from test_search import EVOMERGE, experiment, final_state, run_cli
+
+
+def _with_estimator(exp: dict, tmp: Path, estimator: dict) -> dict:
+    exp["searcher"] = {"name": "cmaes", "options": {"popsize": 6}}
+    exp["fitness"]["estimator"] = {"kind": "gpirt", "budget": 0.25, "calibration_models": 10, **estimator}
+    (tmp / "exp.yaml").write_text(yaml.safe_dump(exp))
+    return exp
+
+
+def test_calibrate_once_then_search_on_anchor_items_only(zoo, tmp_path):
+    _with_estimator(experiment(zoo, tmp_path, budget={"evaluations": 12}), tmp_path, {})
+    code, out = run_cli(["irt", "calibrate", str(tmp_path / "exp.yaml"), "-o", str(tmp_path / "cal")], tmp_path)
+    assert code == 0, out
+    cals = {s: Calibration.load(tmp_path / "cal" / f"{s}.npz") for s in zoo.skills}
+    assert all(c.parents and len(c.anchors_for(0.25)) == 10 for c in cals.values())  # 25% of 40 items
+    exp = yaml.safe_load((tmp_path / "exp.yaml").read_text())
+    exp["fitness"]["estimator"]["calibration"] = str(tmp_path / "cal")
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp))
+    run_dir = start(tmp_path / "exp.yaml", tmp_path / "run")
+    assert not (run_dir / "calibration").exists()  # the given calibration was used, none was made
+    store = RunStore(run_dir / "phase0-ps" / "run.sqlite", readonly=True)
+    for ev in store.evaluations():
+        seen = {r["benchmark"]: r["item_ids"] for r in ev.responses}
+        assert {b: len(ids) for b, ids in seen.items()} == {s: 10 for s in zoo.skills}
+        anchors = {b: {cals[b].item_ids[i] for i in cals[b].anchors_for(0.25).index} for b in seen}
+        assert all(set(ids) == anchors[b] for b, ids in seen.items())
+        assert all(0.0 <= v <= 1.0 for v in ev.objectives.values())
+    report = (run_dir / "report.md").read_text()
+    assert "Fitness estimator (gpirt" in report and "MAE per benchmark" in report
+
+
+def test_drift_guard_recalibrates_and_a_killed_run_resumes_exactly(zoo, tmp_path):
+    _with_estimator(experiment(zoo, tmp_path, budget={"evaluations": 24}), tmp_path,
+                    {"drift_every": 1, "drift_threshold": 0.001})
+    ref = tmp_path / "ref"
+    code, out = run_cli(["search", str(tmp_path / "exp.yaml"), "-o", str(ref)], tmp_path)
+    assert code == 0, out
+    assert "recalibrated" in out
+    store = RunStore(ref / "phase0-ps" / "run.sqlite", readonly=True)
+    drift = store.get_meta("drift")
+    assert [d["generation"] for d in drift] == [0, 1, 2, 3]
+    assert all(set(d["error"]) == set(zoo.skills) for d in drift)
+    assert sorted(p.name for p in (ref / "calibration").iterdir())[0] == "initial"
+    reference, _ = final_state(ref)
+
+    cut = tmp_path / "cut"
+    rng = random.Random(1)
+    args = ["search", str(tmp_path / "exp.yaml"), "-o", str(cut)]
+    kills = 0
+    for point in sorted(rng.sample(range(2, 24), 2)):
+        code, _ = run_cli(args, tmp_path, kill_at=point, store=cut / "phase0-ps" / "run.sqlite",
+                          delay=rng.uniform(0, 1.0))
+        kills += code == -signal.SIGKILL
+        args = ["resume", str(cut)]
+    assert kills == 2
+    code, out = run_cli(["resume", str(cut)], tmp_path)
+    assert code == 0, out
+    resumed, hashes = final_state(cut)
+    np.testing.assert_array_equal(resumed[0], reference[0])
+    assert resumed[1:] == reference[1:]
+    assert len(hashes) == len(set(hashes)) == 24
+    again = RunStore(cut / "phase0-ps" / "run.sqlite", readonly=True)
+    assert [d["error"] for d in again.get_meta("drift")] == [d["error"] for d in drift]
