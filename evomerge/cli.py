@@ -158,12 +158,18 @@ def fuse(experiment: Path = typer.Argument(..., exists=True, dir_okay=False, hel
 
 
 @app.command("resume")
-def resume_cmd(run_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="A run folder.")) -> None:
+def resume_cmd(run_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="A run folder."),
+               address: Optional[str] = typer.Option(None, help="Ray cluster to join now (a requeued job's new head)."),
+               workers: Optional[int] = typer.Option(None, help="Worker actors from now on."),
+               gpus_per_worker: Optional[float] = typer.Option(None, help="GPUs per worker from now on."),
+               ) -> None:
     """Continue a stopped or killed search exactly where it stopped."""
     from evomerge.search import resume
 
+    overrides = {k: v for k, v in {"address": address, "workers": workers,
+                                   "gpus_per_worker": gpus_per_worker}.items() if v is not None}
     try:
-        resume(run_dir, console)
+        resume(run_dir, console, overrides)
     except KeyboardInterrupt:
         raise typer.Exit(130)
     except ValueError as err:

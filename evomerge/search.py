@@ -333,13 +333,21 @@ def start(exp_path: str | Path, output_dir: str | Path | None = None, console: C
     return run_dir
 
 
-def resume(run_dir: str | Path, console: Console | None = None) -> Path:
-    """``evomerge resume``: the frozen experiment, the same run folder, the same trajectory."""
+def resume(run_dir: str | Path, console: Console | None = None, overrides: dict[str, Any] | None = None) -> Path:
+    """``evomerge resume``: the frozen experiment, the same run folder, the same trajectory.
+
+    ``overrides`` may change where the work runs (address, workers, gpus_per_worker: a requeued
+    cluster job gets new nodes), never what is searched."""
     run_dir = Path(run_dir)
     frozen = run_dir / "experiment.yaml"
     if not frozen.exists():
         raise ValueError(f"{run_dir} holds no run (no experiment.yaml); start one with `evomerge search`")
     data = yaml.safe_load(frozen.read_text())
+    allowed = {"address", "workers", "gpus_per_worker"}
+    bad = set(overrides or {}) - allowed
+    if bad:
+        raise ValueError(f"resume can change only {sorted(allowed)}, not {sorted(bad)}")
+    data.update(overrides or {})
     exp_dir = Path(data.pop("_experiment_dir", run_dir))
     exp = Experiment.model_validate(data)
     Driver(exp, run_dir, exp_dir, console).run()
