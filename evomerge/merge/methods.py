@@ -87,6 +87,7 @@ class MergeMethod:
     model_params: Mapping[str, float | None]
     global_params: Mapping[str, Any]
     randomized: bool
+    blockwise: bool = False  # fn takes inputs in their storage dtype and computes block by block
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,6 +166,41 @@ def della_magprune(
 
 Sparsifier = Callable[..., Tensor]
 
+CHUNK = 1 << 20  # elements per block: a 4 MB float32 accumulator stays in cache
+
+
+def weighted_sum(base: Tensor | None, base_coef: float, stack: Tensor, coefs: Sequence[float],
+                 compute: torch.dtype, out_dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
+    """``base_coef * base + sum_i coefs[i] * stack[i]``, accumulated in ``compute`` block by block.
+
+    The plain sums (linear, task arithmetic, the sum-consensus methods) are memory-bound. Upcasting
+    whole bf16 stacks and combining them op by op makes several full passes over memory; one
+    cache-sized float32 accumulator per block reads every input once and writes the output once:
+    measured 1.2 GB/s whole-tensor vs 15-19 GB/s in 1M-element blocks, bf16, 2 cores.
+    """
+    shape = stack.shape[1:]
+    if out is None:
+        out = torch.empty(shape, dtype=out_dtype, device=stack.device)
+    flat_out = out.view(-1)
+    flat_stack = stack.reshape(stack.shape[0], -1)
+    flat_base = base.reshape(-1) if base is not None else None
+    terms = [(i, float(c)) for i, c in enumerate(coefs) if float(c) != 0.0]
+    n = flat_out.numel()
+    acc_buf = torch.empty(min(n, CHUNK), dtype=compute, device=stack.device)
+    for start in range(0, n, CHUNK):
+        end = min(n, start + CHUNK)
+        acc = acc_buf[: end - start]
+        if flat_base is not None and base_coef != 0.0:
+            acc.copy_(flat_base[start:end])
+            if base_coef != 1.0:
+                acc.mul_(base_coef)
+        else:
+            acc.zero_()
+        for i, c in terms:
+            acc.add_(flat_stack[i, start:end], alpha=c)
+        flat_out[start:end].copy_(acc)
+    return out
+
 
 # --------------------------------------------------------------------------------------------
 # Method functions. They receive validated inputs in the compute dtype.
@@ -179,51 +215,72 @@ def _task_arithmetic_family(
     *,
     sparsifier: Sparsifier | None,
     sign_consensus: bool,
+    out: Tensor | None = None,
 ) -> Tensor:
     """mergekit's GeneralizedTaskArithmeticMerge: sparsify each delta, weight it, combine (plain sum,
     or TIES sign election + disjoint sum), divide by the weight sum only when ``normalize``, scale
     by ``lambda``, add to the base. Plain task arithmetic is one tensordot, no per-model copies."""
     k = deltas.shape[0]
+    compute = _compute_dtype(base, deltas)
     if k == 0:
         return base.clone()
     if sparsifier is not None:
-        pruned = torch.empty_like(deltas)
+        pruned = torch.empty(deltas.shape, dtype=compute, device=deltas.device)
         extra = [p for p in ("gamma", "epsilon") if p in model_params]
         for i in range(k):
             kwargs = {p: model_params[p][i] for p in extra}
             density = model_params["density"][i]
-            pruned[i] = sparsifier(deltas[i], density, global_params["rescale"], generator, **kwargs)
+            pruned[i] = sparsifier(deltas[i].to(compute), density, global_params["rescale"], generator, **kwargs)
         deltas = pruned
-    weights = torch.tensor(model_params["weight"], dtype=deltas.dtype, device=deltas.device)
-    if sign_consensus:
-        w = weights.view(k, *([1] * (deltas.dim() - 1)))
-        weighted = deltas * w
-        # Majority sign = sign of the weighted sum, zero counting as +; an entry survives when its
-        # weighted sign equals it (zeros never do). int8_mask only changes the sign tensors' dtype.
-        sign_dtype = torch.int8 if global_params["int8_mask"] else deltas.dtype
+    weights = [float(w) for w in model_params["weight"]]
+    lam = float(global_params["lambda"])
+    if not sign_consensus:
+        total = sum(weights)
+        divisor = 1.0 if abs(total) < 1e-8 or not global_params["normalize"] else total
+        return weighted_sum(base, 1.0, deltas, [w * lam / divisor for w in weights], compute, base.dtype, out)
+    return _sign_consensus(base, deltas, weights, bool(global_params["normalize"]), lam,
+                           bool(global_params["int8_mask"]), compute, out)
+
+
+def _sign_consensus(base: Tensor, deltas: Tensor, weights: list[float], normalize: bool, lam: float,
+                    int8_mask: bool, compute: torch.dtype, out: Tensor | None = None) -> Tensor:
+    """TIES' combination, block by block (each output entry depends only on its own column, so
+    blocks give exactly the whole-tensor result, with the temporaries kept in cache).
+
+    Majority sign = sign of the weighted sum, zero counting as +; an entry survives when its
+    weighted sign equals it (zeros never do); the disjoint mean divides by the surviving weights
+    only when ``normalize`` (a zero divisor becomes 1). int8_mask only changes the sign dtype."""
+    k = deltas.shape[0]
+    if out is None:
+        out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
+    flat_out, flat_base = out.view(-1), base.reshape(-1)
+    flat = deltas.reshape(k, -1)
+    w = torch.tensor(weights, dtype=compute, device=deltas.device).view(k, 1)
+    sign_dtype = torch.int8 if int8_mask else compute
+    for start in range(0, flat_out.numel(), CHUNK):
+        end = min(flat_out.numel(), start + CHUNK)
+        weighted = flat[:, start:end].to(compute) * w
         majority = (weighted.sum(dim=0) >= 0).to(sign_dtype) * 2 - 1
         mask = weighted.sign().to(sign_dtype) == majority
         mixed = weighted.mul_(mask).sum(dim=0)
-        divisor = (w * mask).sum(dim=0)
-        divisor.masked_fill_(divisor == 0, 1)
-    else:
-        mixed = torch.tensordot(weights, deltas, dims=1)
-        total = weights.sum()
-        divisor = torch.where(total.abs() < 1e-8, torch.ones_like(total), total)
-    if global_params["normalize"]:
-        mixed.div_(divisor)
-    if global_params["lambda"] != 1:
-        mixed.mul_(global_params["lambda"])
-    return base + mixed
+        if normalize:
+            divisor = (w * mask).sum(dim=0)
+            mixed.div_(divisor.masked_fill_(divisor == 0, 1))
+        if lam != 1:
+            mixed.mul_(lam)
+        flat_out[start:end].copy_(mixed.add_(flat_base[start:end]))
+    return out
 
 
 def _linear(
-    base: Tensor | None, tensors: Tensor, model_params: PerModel, global_params: Globals, generator: Gen
+    base: Tensor | None, tensors: Tensor, model_params: PerModel, global_params: Globals, generator: Gen,
+    out: Tensor | None = None,
 ) -> Tensor:
     """sum(w_i x_i), divided by sum(w_i) when ``normalize``. mergekit does not guard a zero sum."""
-    weights = torch.tensor(model_params["weight"], dtype=tensors.dtype, device=tensors.device)
-    out = torch.tensordot(weights, tensors, dims=1)
-    return out.div_(weights.sum()) if global_params["normalize"] else out
+    weights = [float(w) for w in model_params["weight"]]
+    total = sum(weights) if global_params["normalize"] else 1.0
+    coefs = [w / total if total != 0 else w * math.inf for w in weights]
+    return weighted_sum(None, 0.0, tensors, coefs, _compute_dtype(tensors), tensors.dtype, out)
 
 
 def _slerp(
@@ -298,6 +355,7 @@ def _ta_method(
             {"normalize": normalize, "rescale": rescale, "lambda": 1.0, "int8_mask": False}
         ),
         randomized=sparsifier in (bernoulli, della_magprune),
+        blockwise=True,
     )
 
 
@@ -305,7 +363,7 @@ METHODS: dict[str, MergeMethod] = {
     m.name: m
     for m in (
         MergeMethod("linear", _linear, "tensors", False, MappingProxyType({"weight": None}),
-                    MappingProxyType({"normalize": True}), False),
+                    MappingProxyType({"normalize": True}), False, blockwise=True),
         _ta_method("task_arithmetic", None, sign=False, normalize=False, rescale=False),
         _ta_method("ties", magnitude, sign=True, normalize=True, rescale=False),
         _ta_method("dare_ties", bernoulli, sign=True, normalize=False, rescale=True),
@@ -405,9 +463,12 @@ def merge_tensor(
     model_params: Mapping[str, Sequence[float]],
     global_params: Mapping[str, Any],
     generator: Gen = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Merge one tensor. ``stack`` is (k, *shape); ``model_params[name]`` holds k values aligned
-    with it. Returns the base's dtype (the stack's when there is no base)."""
+    with it. Returns the base's dtype (the stack's when there is no base). With ``out`` (a tensor of
+    that shape and dtype, e.g. the model's own parameter) the result is written there and returned:
+    the engine merges straight into its resident model, with no temporary and no extra copy."""
     if method.needs_base and base is None:
         raise ValueError(f"{method.name} needs a base model; set base_model")
     if stack.dim() < 1:
@@ -430,13 +491,18 @@ def merge_tensor(
             raise ValueError(f"generator is on {generator.device} but the tensors are on {stack.device}")
     dtype = _compute_dtype(base, stack)
     out_dtype = base.dtype if base is not None else stack.dtype
+    if out is not None and (out.shape != stack.shape[1:] or out.dtype != out_dtype):
+        raise ValueError(f"out has shape {tuple(out.shape)} / {out.dtype}, the result {tuple(stack.shape[1:])} / {out_dtype}")
+    if method.blockwise:  # upcasts block by block: no whole float32 copy of a bf16 stack
+        return method.fn(base, stack, mp, gp, generator, out=out)
     base_c = base.to(dtype) if base is not None else None
-    result = method.fn(base_c, stack.to(dtype), mp, gp, generator)
-    return result.to(out_dtype)
+    result = method.fn(base_c, stack.to(dtype), mp, gp, generator).to(out_dtype)
+    return out.copy_(result) if out is not None else result
 
 
 def linear_from_deltas(
-    base: Tensor, deltas: Tensor, base_weight: float, weights: Sequence[float], normalize: bool = True
+    base: Tensor, deltas: Tensor, base_weight: float, weights: Sequence[float], normalize: bool = True,
+    out: Tensor | None = None,
 ) -> Tensor:
     """``linear`` over the tensors [base] + [base + d_i] with weights [base_weight] + weights,
     computed from resident deltas: base + sum(w d) / W when normalising (W = total weight), else
@@ -447,10 +513,8 @@ def linear_from_deltas(
         )
     if len(weights) != deltas.shape[0]:
         raise ValueError(f"linear: {len(weights)} weights for {deltas.shape[0]} deltas")
-    dtype = _compute_dtype(base, deltas)
-    b = base.to(dtype)
-    w = torch.tensor([float(x) for x in weights], dtype=dtype, device=deltas.device)
-    mixed = torch.tensordot(w, deltas.to(dtype), dims=1)
-    total = w.sum() + float(base_weight)
-    out = b + mixed.div_(total) if normalize else b * total + mixed
-    return out.to(base.dtype)
+    w = [float(x) for x in weights]
+    total = sum(w) + float(base_weight)
+    if normalize:
+        return weighted_sum(base, 1.0, deltas, [x / total for x in w], _compute_dtype(base, deltas), base.dtype, out)
+    return weighted_sum(base, total, deltas, w, _compute_dtype(base, deltas), base.dtype, out)
