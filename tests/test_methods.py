@@ -346,6 +346,13 @@ def test_linear_and_linear_from_deltas(normalize):
     torch.testing.assert_close(linear_from_deltas(base, deltas, 0.0, w[1:], normalize), without_base)
 
 
+def test_linear_of_the_base_alone_needs_no_deltas():
+    """A recipe that picks only the base (a source evaluated as a candidate) has an empty stack."""
+    base, deltas = _inputs(seed=13)
+    out = linear_from_deltas(base, deltas[:0], 1.0, [])
+    torch.testing.assert_close(out, base, rtol=0, atol=0)
+
+
 def test_slerp_closed_form_and_colinear_lerp():
     deg60 = math.pi / 3
     v0 = torch.tensor([2.0, 0.0, 0.0], dtype=torch.float64)

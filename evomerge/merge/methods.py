@@ -182,7 +182,7 @@ def weighted_sum(base: Tensor | None, base_coef: float, stack: Tensor, coefs: Se
     if out is None:
         out = torch.empty(shape, dtype=out_dtype, device=stack.device)
     flat_out = out.view(-1)
-    flat_stack = stack.reshape(stack.shape[0], -1)
+    flat_stack = stack.reshape(stack.shape[0], out.numel())  # -1 is ambiguous with no deltas
     flat_base = base.reshape(-1) if base is not None else None
     terms = [(i, float(c)) for i, c in enumerate(coefs) if float(c) != 0.0]
     n = flat_out.numel()
