@@ -231,13 +231,19 @@ def load_space(space: Union[str, PSSpace, DFSSpace], root: Path) -> Union[PSSpac
                      "give a path to a YAML file or the name of a preset in search_spaces/")
 
 
-def load_experiment(path: str | Path) -> Experiment:
-    path = Path(path)
+def read_experiment_yaml(path: Path, keys: str) -> dict:
+    """The top-level mapping of an experiment file; ``keys`` names what it should hold, for the error."""
     if not path.is_file():
         raise ValueError(f"experiment file {path} does not exist")
     data = yaml.safe_load(path.read_text())
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping (name, models, base_model, search_space, fitness, ...)")
+        raise ValueError(f"{path}: expected a mapping ({keys}, ...)")
+    return data
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    path = Path(path)
+    data = read_experiment_yaml(path, "name, models, base_model, search_space, fitness")
     exp = Experiment.model_validate(data)
     exp.load_spaces(path.parent)  # fail now, not after loading models
     return exp

@@ -6,6 +6,7 @@ included for the IRT search). Target: within 0.02 of the full search with >= 8x 
 
     python scripts/bench_irt_search.py                       # experiments/demo.yaml, gp-IRT at 10%
     python scripts/bench_irt_search.py --kind gmpirt --budget 0.05 --markdown docs/bench_irt_search.md
+    python scripts/bench_irt_search.py --seeds 0 1 2 --reuse-calibration   # calibrate once, search thrice
 """
 
 from __future__ import annotations
@@ -59,27 +60,37 @@ def main() -> None:
     ap.add_argument("--calibration-models", type=int, default=40)
     ap.add_argument("--drift-every", type=int, default=0)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--reuse-calibration", action="store_true",
+                    help="for every seed after the first, also run the IRT search with the first seed's "
+                         "calibration file (a calibration is made once per benchmark, then reused)")
     ap.add_argument("--markdown", type=Path)
     args = ap.parse_args()
     exp_path = Path(args.experiment).resolve()
     rows = []
+    irt = {"kind": args.kind, "budget": args.budget, "calibration_models": args.calibration_models,
+           "drift_every": args.drift_every}
+    first_calibration = None
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
-            for label, estimator in [("full", {"kind": "full"}),
-                                     (f"{args.kind} {args.budget:g}", {"kind": args.kind, "budget": args.budget,
-                                                                       "calibration_models": args.calibration_models,
-                                                                       "drift_every": args.drift_every})]:
+            runs = [("full", "full", {"kind": "full"}), (f"{args.kind} {args.budget:g}", "irt", irt)]
+            if args.reuse_calibration and first_calibration is not None:
+                runs.append((f"{args.kind} {args.budget:g}, calibration of seed {args.seeds[0]} reused", "reuse",
+                             {**irt, "calibration": str(first_calibration)}))
+            for label, tag, estimator in runs:
                 data = yaml.safe_load(exp_path.read_text())
                 data["seed"] = seed
                 data["fitness"]["estimator"] = estimator
-                path = Path(tmp) / f"exp-{seed}-{estimator['kind']}.yaml"
+                path = Path(tmp) / f"exp-{seed}-{tag}.yaml"
                 path.write_text(yaml.safe_dump(data))
                 t = time.perf_counter()
-                run_dir = start(path, Path(tmp) / f"run-{seed}-{estimator['kind']}")
+                run_dir = start(path, Path(tmp) / f"run-{seed}-{tag}")
+                if tag == "irt" and first_calibration is None:
+                    first_calibration = run_dir / "calibration" / "initial"
                 spent = items_spent(run_dir)
                 rows.append({"seed": seed, "estimator": label, "test_mean": test_mean(run_dir),
                              "items": spent["total"], "search_items": spent["search"],
-                             "calibration_items": spent["calibration"], "seconds": time.perf_counter() - t})
+                             "calibration_items": spent["calibration"], "drift_items": spent["drift"],
+                             "seconds": time.perf_counter() - t})
                 print(rows[-1], flush=True)
     lines = [f"Command: `python {' '.join(sys.argv)}`", "",
              "| seed | estimator | held-out test mean | items evaluated (search + calibration + drift) | ratio | wall s |",
@@ -87,8 +98,18 @@ def main() -> None:
     for r in rows:
         ref = next(x for x in rows if x["seed"] == r["seed"] and x["estimator"] == "full")
         lines.append(f"| {r['seed']} | {r['estimator']} | {r['test_mean']:.3f} | {r['items']:,} "
-                     f"({r['search_items']:,} + {r['calibration_items']:,}) | {ref['items'] / r['items']:.1f}x | "
-                     f"{r['seconds']:.0f} |")
+                     f"({r['search_items']:,} + {r['calibration_items']:,} + {r['drift_items']:,}) | "
+                     f"{ref['items'] / r['items']:.1f}x | {r['seconds']:.0f} |")
+    lines += ["", "| estimator | seeds | mean held-out test | mean gap to full | worst gap | fewer items |",
+              "|---|---|---|---|---|---|"]
+    for label in dict.fromkeys(r["estimator"] for r in rows):
+        mine = [r for r in rows if r["estimator"] == label]
+        full = {r["seed"]: r for r in rows if r["estimator"] == "full"}
+        gaps = [full[r["seed"]]["test_mean"] - r["test_mean"] for r in mine]
+        ratio = sum(full[r["seed"]]["items"] for r in mine) / sum(r["items"] for r in mine)
+        lines.append(f"| {label} | {len(mine)} | {np.mean([r['test_mean'] for r in mine]):.3f} | "
+                     f"{np.mean(gaps):+.3f} | {max(gaps):+.3f} | {ratio:.1f}x |")
+    lines.append("\nGap = full search's held-out mean minus this one's (positive: the IRT search is worse).")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.markdown:

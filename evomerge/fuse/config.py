@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..config import read_experiment_yaml
 
 
 class Strict(BaseModel):
@@ -146,11 +147,7 @@ class FuseExperiment(Strict):
 def load_fuse_experiment(path: str | Path) -> FuseExperiment:
     """Read and validate a fusion experiment file; errors name the bad key and what to change."""
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"experiment file {path} does not exist")
-    data = yaml.safe_load(path.read_text())
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping (name, sources, target, data, train, ...)")
+    data = read_experiment_yaml(path, "name, sources, target, data, train")
     try:
         exp = FuseExperiment.model_validate(data)
     except ValidationError as err:
