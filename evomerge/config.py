@@ -144,6 +144,7 @@ class EstimatorSpec(Strict):
     calibration_models: int = Field(60, ge=0)  # random merges evaluated on every item to calibrate
     drift_every: int = Field(0, ge=0)  # every K generations score the best on all items (0: never)
     drift_threshold: float = Field(0.03, gt=0)
+    final_top_k: int = Field(5, ge=0)  # the k best estimates are scored on every item; the best of them wins
 
 
 class Fitness(Strict):

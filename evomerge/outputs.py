@@ -127,7 +127,13 @@ def _phase_section(driver: "Driver", ph: "PhaseResult") -> str:
                                      phase_dir / "layer_plan.png", "layer plan of the best candidate")
         lines.append(f"![layer plan]({lay.relative_to(driver.run_dir)})")
     obj = ", ".join(f"{k} {v:.3f}" for k, v in best.objectives.items())
-    lines += ["", f"Best candidate: fitness {best.fitness:.4f} ({obj}), generation {best.generation}."]
+    kind = "estimated " if driver.exp.fitness.estimator.kind != "full" else ""
+    lines += ["", f"Best candidate: {kind}fitness {best.fitness:.4f} ({obj}), generation {best.generation}."]
+    confirmed = (store.get_meta("full_scores", {}) or {}).get(best.genome_hash)
+    if confirmed:
+        full = {b: x["accuracy"] for b, x in confirmed.items()}
+        lines[-1] += (f" On every fitness item: fitness {driver.fitness({**best.objectives, **full}):.4f} ("
+                      + ", ".join(f"{b} {v:.3f}" for b, v in full.items()) + ").")
     extra = driver.estimator_report(RunStore(ph.store_path), ph.genome)
     store.close()
     return "\n".join(lines + ([extra] if extra else []))

@@ -191,7 +191,7 @@ class Driver:
                 store.commit_tell(gen, searcher.state_dict())
                 gen += 1
                 progress.update(task, completed=min(store.count(), budget), gen=gen, best=self._best_text(store))
-        best = self.choose(store)
+        best = self.choose_final(store, genome)
         result = PhaseResult(k, space.kind, best, [genome.decode(np.array(e.genome), e.seed) for e in best],
                              genome, store.path)
         store.close()
@@ -290,6 +290,16 @@ class Driver:
         k = min(self.exp.export.top_k, len(front))
         picks = sorted({int(round(i)) for i in np.linspace(0, len(front) - 1, k)})
         return [front[i] for i in picks]
+
+    def choose_final(self, store: RunStore, genome) -> list[Evaluation]:
+        """What a phase returns: ``choose``, except that with a reduced-fitness estimator and one
+        objective the best is confirmed on every item among the ``final_top_k`` best estimates."""
+        spec = self.exp.fitness.estimator
+        if spec.kind == "full" or self.n_obj != 1 or not spec.final_top_k:
+            return self.choose(store)
+        from evomerge.irt_search import confirm_best
+
+        return confirm_best(self, store, genome)
 
     def _best_text(self, store: RunStore) -> str:
         best = store.best_fitness()

@@ -27,11 +27,14 @@ from evomerge.search import start
 
 def items_spent(run_dir: Path) -> dict[str, int]:
     """Item evaluations of a run: the search's candidates, the calibration population, drift checks."""
-    search = 0
+    search = final = drift = 0
     for db in sorted(run_dir.glob("phase*/run.sqlite")):
         store = RunStore(db, readonly=True)
         search += sum(sum(len(r["item_ids"]) for r in (e.responses or [])) for e in store.evaluations())
-        drift = len(store.get_meta("drift", []) or [])
+        drift += len(store.get_meta("drift", []) or [])
+        # the final choice among the top estimates and the report's estimator check, on every item
+        final += sum(x["items"] for scores in (store.get_meta("full_scores", {}) or {}).values()
+                     for x in scores.values())
         store.close()
     calibration = 0
     for pop in sorted((run_dir / "calibration").glob("*/*.population.npz")):
@@ -43,8 +46,8 @@ def items_spent(run_dir: Path) -> dict[str, int]:
         for pop in (run_dir / "calibration" / "initial").glob("*.population.npz"):
             with np.load(pop) as z:
                 full_items += int(z["responses"].shape[1])
-    return {"search": search, "calibration": calibration, "drift": drift * full_items,
-            "total": search + calibration + drift * full_items}
+    return {"search": search, "calibration": calibration, "drift": drift * full_items, "final": final,
+            "total": search + calibration + drift * full_items + final}
 
 
 def test_mean(run_dir: Path) -> float:
@@ -59,6 +62,8 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=0.1)
     ap.add_argument("--calibration-models", type=int, default=40)
     ap.add_argument("--drift-every", type=int, default=0)
+    ap.add_argument("--final-top-k", type=int, help="estimator.final_top_k (default: the experiment's, 5; "
+                                                   "0 = export the best estimate unconfirmed)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--reuse-calibration", action="store_true",
                     help="for every seed after the first, also run the IRT search with the first seed's "
@@ -69,6 +74,8 @@ def main() -> None:
     rows = []
     irt = {"kind": args.kind, "budget": args.budget, "calibration_models": args.calibration_models,
            "drift_every": args.drift_every}
+    if args.final_top_k is not None:
+        irt["final_top_k"] = args.final_top_k
     first_calibration = None
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
@@ -90,15 +97,16 @@ def main() -> None:
                 rows.append({"seed": seed, "estimator": label, "test_mean": test_mean(run_dir),
                              "items": spent["total"], "search_items": spent["search"],
                              "calibration_items": spent["calibration"], "drift_items": spent["drift"],
+                             "final_items": spent["final"],
                              "seconds": time.perf_counter() - t})
                 print(rows[-1], flush=True)
     lines = [f"Command: `python {' '.join(sys.argv)}`", "",
-             "| seed | estimator | held-out test mean | items evaluated (search + calibration + drift) | ratio | wall s |",
+             "| seed | estimator | held-out test mean | items evaluated (search + calibration + drift + final) | ratio | wall s |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         ref = next(x for x in rows if x["seed"] == r["seed"] and x["estimator"] == "full")
         lines.append(f"| {r['seed']} | {r['estimator']} | {r['test_mean']:.3f} | {r['items']:,} "
-                     f"({r['search_items']:,} + {r['calibration_items']:,} + {r['drift_items']:,}) | "
+                     f"({r['search_items']:,} + {r['calibration_items']:,} + {r['drift_items']:,} + {r['final_items']:,}) | "
                      f"{ref['items'] / r['items']:.1f}x | {r['seconds']:.0f} |")
     lines += ["", "| estimator | seeds | mean held-out test | mean gap to full | worst gap | fewer items |",
               "|---|---|---|---|---|---|"]

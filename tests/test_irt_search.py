@@ -8,6 +8,7 @@ import signal
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
 from evomerge.irt.calibration import Calibration
@@ -43,6 +44,26 @@ def test_calibrate_once_then_search_on_anchor_items_only(zoo, tmp_path):
         assert all(0.0 <= v <= 1.0 for v in ev.objectives.values())
     report = (run_dir / "report.md").read_text()
     assert "Fitness estimator (gpirt" in report and "MAE per benchmark" in report
+    assert "(chosen)" in report and "On every fitness item" in report
+
+    # the winner's curse: the 5 best estimates were scored on every item and the best of them exported
+    evs = sorted(store.evaluations(), key=lambda e: (-e.fitness, e.rowid))
+    full = store.get_meta("full_scores")
+    assert {e.genome_hash for e in evs[:5]} <= set(full)
+    assert all(x["items"] == 40 for scores in full.values() for x in scores.values())
+    full_fitness = {h: np.mean([x["accuracy"] for x in scores.values()]) for h, scores in full.items()}
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.config import load_experiment
+    from evomerge.evaluate.base import EvalContext
+    from evomerge.evaluate.builtin import ItemsBenchmark
+
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "best")
+    tok = AutoTokenizer.from_pretrained(run_dir / "best")
+    objectives = load_experiment(tmp_path / "exp.yaml").fitness.objectives
+    exported = np.mean([ItemsBenchmark(o.name, o.benchmark["path"]).evaluate(model, tok, EvalContext()).mean()
+                        for o in objectives])
+    assert exported == pytest.approx(max(full_fitness[e.genome_hash] for e in evs[:5]), abs=1e-9)
 
 
 def test_drift_guard_recalibrates_and_a_killed_run_resumes_exactly(zoo, tmp_path):
