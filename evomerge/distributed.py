@@ -49,6 +49,7 @@ PASS_THROUGH_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLI
                     "EVOMERGE_HOME", "TOKENIZERS_PARALLELISM")
 #: Object store of an embedded Ray: tasks and results are KBs, so a small store leaves /dev/shm free.
 EMBEDDED_OBJECT_STORE_BYTES = 256 * 2**20
+LOST_REPLY_GRACE_S = 5.0  # how long a dead actor's finished-but-unreported results may take to arrive
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -386,7 +387,9 @@ class RayPool:
         tickets, slot.inflight = slot.inflight, []
         while tickets and tickets[0] in refs:  # an actor runs its tasks in order: the first unfinished is the culprit
             ref = refs[tickets[0]]
-            if not ray.wait([ref], timeout=0)[0]:
+            # The death can be reported before the reply of a task the actor finished just before it
+            # died; once the actor is dead Ray settles every ref of it (a value or an error) promptly.
+            if not ray.wait([ref], timeout=LOST_REPLY_GRACE_S)[0]:
                 break
             try:
                 result, busy = ray.get(ref)

@@ -374,13 +374,18 @@ def test_pool_retries_faults_up_to_the_limit_and_serves_steady_state(tmp_path, z
             # An exception escaping the actor (not an Exception): the same limit; the actor lives on.
             assert "failed on a worker 3 time(s)" in results[200].error and "escaped on seed 200" in results[200].error
             calls = Counter(s for s, _ in probe_calls(log))
-            assert calls == Counter({0: 1, 1: 1, 2: 1, 3: 1, 100: 3, 200: 3})
+            # Usually exactly {0..3: 1, 100: 3, 200: 3}. A worker killed by os._exit can take with it
+            # the unsent reply of the task it finished just before: that task is charged and runs
+            # again, and the fatal one gets that try back. Each such loss adds one to both sides.
+            lost = sum(calls[s] - 1 for s in (0, 1, 2, 3))
+            assert set(calls) == {0, 1, 2, 3, 100, 200} and calls[200] == 3
+            assert calls[100] == 3 + lost, calls
             names = [w["name"] for w in pool.workers() if "name" in w]  # the last replacement may be starting
             assert len(set(names)) == len(names) >= 4
             # Three deaths, three replacements; the dead processes are gone.
-            assert pool.restarts == 3
+            assert pool.restarts == calls[100]
             dead_pids = {pid for s, pid in probe_calls(log) if s == 100}
-            assert len(dead_pids) == 3
+            assert len(dead_pids) == calls[100]
             assert not any(pid_running(p) for p in dead_pids)
 
             # The replacements replayed the broadcast: a layer plan over "ps" runs on every worker
