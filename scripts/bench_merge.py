@@ -133,8 +133,7 @@ def bench_set(label: str, paths: dict[str, Path], reps: int, mk_reps: int, work:
     for method, make in METHODS.items():
         cfg = make(names)
         ours = time_engine(engine, MergeConfig.model_validate(cfg), reps)
-        inputs = len(names) if method == "linear" else len(names)  # base + k sources read, one output written
-        traffic = (inputs + 1) * model_bytes
+        traffic = (len(names) + 1) * model_bytes  # the base and every source read, one output written
         row = {"set": label, "method": method, "engine_s": ours, "bandwidth": traffic / ours,
                "pct_memcpy": 100 * traffic / ours / memcpy}
         if have_mergekit:
