@@ -167,6 +167,18 @@ class Fitness(Strict):
 class SearcherSpec(Strict):
     name: str = "cmaes"  # cmaes | nsga2 | random | pymoo:<Algorithm> | nevergrad:<Optimizer>
     options: dict[str, Any] = Field(default_factory=dict)  # e.g. popsize, sigma
+    # The first population holds a genome per model (base and sources) that reproduces it exactly,
+    # so a Pareto front starts from the experts' corners (PS spaces whose method can express it).
+    start_from_sources: bool = False
+
+    @model_validator(mode="after")
+    def _population_based(self) -> "SearcherSpec":
+        if self.start_from_sources and not (self.name == "nsga2" or self.name.startswith("pymoo:")):
+            raise ValueError(f"searcher.start_from_sources needs a population the sources can join: nsga2 or "
+                             f"pymoo:<Algorithm>, not '{self.name}' (CMA-ES starts from one point, x0)")
+        if "initial_genomes" in self.options:
+            raise ValueError("searcher.options.initial_genomes is set by evomerge; use start_from_sources: true")
+        return self
 
 
 class Budget(Strict):

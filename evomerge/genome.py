@@ -134,6 +134,33 @@ class PSGenome:
             "parameters": {**self.space.fixed, **settings["*"]}, "evomerge": {"seed": seed}})
         return Recipe(merge=cfg)
 
+    # Gene values that make a merge reproduce one model exactly: that model's weight 1, the others'
+    # 0, nothing pruned, no lambda scaling. Methods where a single full-weight delta is the model.
+    SOURCE_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+                      "breadcrumbs_ties", "della", "della_linear")
+
+    def source_genomes(self) -> dict[str, np.ndarray]:
+        """A genome per model (the base and every source) that decodes to that model itself, for
+        seeding a population; empty where the method or the bounds cannot express one exactly."""
+        needed = {"density": 1.0, "gamma": 0.0, "lambda": 1.0}
+        if self.space.method not in self.SOURCE_METHODS or any(
+                p in needed and v != needed[p] for p, v in self.space.fixed.items()):
+            return {}
+        out = {}
+        for target in [self.base] + self.sources:
+            if self.space.method == "linear" and target == self.base:
+                continue  # linear merges the sources only; the base is not one of its models
+            x = self.x0.copy()
+            for b in self.blocks:
+                value = {"weight": float(b.model == target), **needed}.get(b.param)
+                if b.param == "epsilon":
+                    continue  # DELLA's epsilon does nothing at density 1
+                if value is None or not (self.lower[b.start] <= value <= self.upper[b.start]):
+                    return {}
+                x[b.start : b.start + b.size] = value
+            out[target] = x
+        return out
+
     def layer_table(self, x: np.ndarray) -> dict[tuple[str, str, str], list[float]]:
         """(model, parameter, group) -> value at each layer (one value for 'other'): for heatmaps."""
         x = np.clip(np.asarray(x, dtype=np.float64), self.lower, self.upper)

@@ -100,3 +100,25 @@ def test_dfs_start_point_is_the_host_and_depth_is_bounded(zoo_models):
     assert len(every.layers) == 6
     none = g.decode(np.concatenate([np.zeros(16), np.ones(16)])).plan
     assert len(none.layers) == 1
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_source_genomes_reproduce_each_model(engine, zoo_models, preset):
+    """start_from_sources: the genome given for a model decodes to that model's weights."""
+    from safetensors.torch import load_file
+
+    space = load_space(str(preset), Path("."))
+    sources = ["tr"] if space.method == "slerp" else ["rev", "sort", "tr"]
+    g = PSGenome(space, "base", sources, engine.tensor_names, engine.num_layers)
+    starts = g.source_genomes()
+    if space.method == "slerp":  # t = 0 / 1 are the two models, but slerp is not a sum of deltas
+        assert starts == {}
+        return
+    assert set(starts) == {"base", "rev", "sort", "tr"}
+    for name, x in starts.items():
+        assert np.all((x >= g.lower) & (x <= g.upper))
+        engine.materialize(g.decode(x, genome_seed(x, 0)).merge)
+        want = load_file(zoo_models[name] / "model.safetensors")
+        got = engine.model.state_dict()
+        for t, w in want.items():
+            torch.testing.assert_close(got[t], w, rtol=0, atol=1e-6, msg=f"{preset.stem}: {name} {t}")

@@ -180,6 +180,7 @@ def test_ctrl_c_saves_and_says_how_to_resume(zoo, tmp_path):
     ({"searcher": {"name": "cmaes", "options": {}}, "budget": {"evaluations": 0}}, "greater than 0"),
     ({"fitness": {"objectives": [{"name": "x", "benchmark": {"type": "itemz"}}]}}, "'type' must be one of"),
     ({"frobnicate": 1}, "frobnicate"),
+    ({"searcher": {"name": "cmaes", "start_from_sources": True}}, "start_from_sources needs a population"),
 ])
 def test_bad_experiments_fail_before_any_model_loads(zoo, tmp_path, bad, message):
     exp = experiment(zoo, tmp_path, **bad)

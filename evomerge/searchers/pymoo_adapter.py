@@ -102,15 +102,17 @@ class BoxProblem(Problem):
 
 
 class X0Sampling(FloatRandomSampling):
-    """Uniform in the box, except that the first point is x0 (the searcher's starting genome)."""
+    """Uniform in the box, except that the first points are given: x0 (the searcher's starting
+    genome) and any initial genomes (e.g. the source models), as many as the population holds."""
 
-    def __init__(self, x0: np.ndarray) -> None:
+    def __init__(self, points: np.ndarray) -> None:
         super().__init__()
-        self.x0 = np.array(x0, dtype=np.float64)
+        self.points = np.atleast_2d(np.array(points, dtype=np.float64))
 
     def _do(self, problem, n_samples, *args, random_state=None, **kwargs):
         X = super()._do(problem, n_samples, *args, random_state=random_state, **kwargs)
-        X[0] = self.x0
+        k = min(len(self.points), n_samples)
+        X[:k] = self.points[:k]
         return X
 
 
@@ -130,14 +132,17 @@ class PymooSearcher(Searcher):
             raise ValueError(f"{self.spec.name} is a single-objective algorithm, got n_obj={self.spec.n_obj}; "
                              f"use nsga2 or another pymoo.algorithms.moo algorithm (e.g. pymoo:NSGA3, pymoo:SMSEMOA)")
         kwargs = dict(self.spec.options)
+        initial = _initial_genomes(self.spec, kwargs.pop("initial_genomes", None) or [])
         check_options(self.spec.name, kwargs, accepted_options(cls))
         params = accepted_options(cls)
         if "ref_dirs" in kwargs or _requires(cls, "ref_dirs"):
             kwargs["ref_dirs"] = _ref_dirs(kwargs.get("ref_dirs"), self.spec.n_obj)
-        if self.spec.x0 is not None:
+        points = ([self.spec.x0] if self.spec.x0 is not None else []) + initial
+        if points:
             if "sampling" not in params:
-                raise ValueError(f"{self.spec.name} takes no initial population, so x0 cannot be used: pass x0=None")
-            kwargs["sampling"] = X0Sampling(self.spec.x0)
+                raise ValueError(f"{self.spec.name} takes no initial population, so neither x0 nor initial "
+                                 f"genomes can be used: pass x0=None and no start_from_sources")
+            kwargs["sampling"] = X0Sampling(np.array(points))
         self._rng = GlobalRNG(self.spec.seed)
         with self._rng.active():
             self._algo = cls(**kwargs)
@@ -189,6 +194,17 @@ class PymooSearcher(Searcher):
 
         self._algo, self._infill, self._todo = dill.loads(payload)
         self._rng = GlobalRNG.from_json(meta["global_rng"])
+
+
+def _initial_genomes(spec, rows: list) -> list[np.ndarray]:
+    """Genomes the first population must contain (option ``initial_genomes``), checked against the box."""
+    out = []
+    for i, row in enumerate(rows):
+        x = np.array(row, dtype=np.float64)
+        if x.shape != spec.lower.shape or not np.all((x >= spec.lower) & (x <= spec.upper)):
+            raise ValueError(f"initial_genomes[{i}] must be a genome of {spec.dim} genes inside the bounds")
+        out.append(x)
+    return out
 
 
 def _requires(cls: type, arg: str) -> bool:
