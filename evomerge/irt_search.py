@@ -13,8 +13,6 @@ phase's result (``confirm_best``).
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -86,7 +84,7 @@ def evaluate_full(driver: "Driver", recipes: dict[str, Recipe]) -> dict[str, dic
     out: dict[str, dict[str, np.ndarray]] = {}
     for i, result in driver.pool.run([Task(recipes[n], None, "fitness", 0) for n in names]):
         if not result.ok:
-            raise RuntimeError(f"calibration model '{names[i]}' failed: {result.error}")
+            raise RuntimeError(f"evaluating '{names[i]}' on every fitness item failed: {result.error}")
         out[names[i]] = {r.benchmark: r.scores for r in result.responses}
     return out
 
@@ -240,7 +238,7 @@ def confirm_best(driver: "Driver", store, genome) -> list:
     at 10% of the items, the top estimate is often a lucky draw rather than the best merge. Scoring
     a handful of the top estimates on every item costs k full evaluations and removes that luck."""
     k = driver.exp.fitness.estimator.final_top_k
-    ok = [e for e in store.evaluations() if e.status == "ok" and math.isfinite(e.fitness)]
+    ok = driver.scored(store)
     if not ok:
         return driver.choose(store)  # raises with the run store's path
     top = sorted(ok, key=lambda e: (-e.fitness, e.rowid))[:k]
@@ -248,18 +246,16 @@ def confirm_best(driver: "Driver", store, genome) -> list:
     return [max(top, key=lambda e: (driver.fitness({**e.objectives, **scores[e.genome_hash]}), -e.rowid))]
 
 
-def final_check(driver: "Driver", store, genome, n: int = 8) -> str:
+def final_check(driver: "Driver", store, genome, chosen, n: int = 8) -> str:
     """The estimator's error measured on search candidates (never in the calibration population):
-    the ``final_top_k`` best estimates (already scored on every item for the final choice) and
-    others drawn evenly from the run up to ``n``, each evaluated on every item."""
-    evs = [e for e in store.evaluations() if e.status == "ok" and math.isfinite(e.fitness)]
+    the ``final_top_k`` best estimates (already scored on every item for the final choice), or else
+    the best estimate, and others drawn evenly from the run up to ``n``, each evaluated on every item;
+    ``chosen`` (the phase's result) is marked."""
+    evs = driver.scored(store)
     if not evs:
         return ""
-    evs.sort(key=lambda e: e.rowid)
     cached = store.get_meta("full_scores", {}) or {}
-    picks = [e for e in evs if e.genome_hash in cached]
-    if not picks:
-        picks = [max(evs, key=lambda e: (e.fitness, -e.rowid))]
+    picks = [e for e in evs if e.genome_hash in cached] or [max(evs, key=lambda e: (e.fitness, -e.rowid))]
     seen = {e.genome_hash for e in picks}
     for i in np.linspace(0, len(evs) - 1, n):
         e = evs[int(i)]
@@ -267,14 +263,13 @@ def final_check(driver: "Driver", store, genome, n: int = 8) -> str:
             picks.append(e)
             seen.add(e.genome_hash)
     full = full_scores(driver, store, genome, picks)
-    chosen = driver.choose_final(store, genome)[0].genome_hash if cached else None
     rows, errs = [], {}
     for e in picks:
         for b, acc in full[e.genome_hash].items():
             if b in e.objectives:
                 err = e.objectives[b] - acc
                 errs.setdefault(b, []).append(abs(err))
-                mark = " (chosen)" if e.genome_hash == chosen else ""
+                mark = " (chosen)" if e.genome_hash == chosen.genome_hash else ""
                 rows.append(f"| {e.genome_hash[:10]}{mark} | g{e.generation} | {b} | {e.objectives[b]:.4f} | "
                             f"{acc:.4f} | {err:+.4f} |")
     drift = store.get_meta("drift", []) or []

@@ -134,7 +134,7 @@ def _phase_section(driver: "Driver", ph: "PhaseResult") -> str:
         full = {b: x["accuracy"] for b, x in confirmed.items()}
         lines[-1] += (f" On every fitness item: fitness {driver.fitness({**best.objectives, **full}):.4f} ("
                       + ", ".join(f"{b} {v:.3f}" for b, v in full.items()) + ").")
-    extra = driver.estimator_report(RunStore(ph.store_path), ph.genome)
+    extra = driver.estimator_report(store, ph.genome, best)
     store.close()
     return "\n".join(lines + ([extra] if extra else []))
 

@@ -261,12 +261,12 @@ class Driver:
         store.commit_tell(gen, searcher.state_dict())
         return gen + 1
 
-    def estimator_report(self, store: RunStore, genome) -> str:
+    def estimator_report(self, store: RunStore, genome, chosen: Evaluation) -> str:
         if self.exp.fitness.estimator.kind == "full":
             return ""
         from evomerge.irt_search import final_check
 
-        return final_check(self, store, genome)
+        return final_check(self, store, genome, chosen)
 
     # -- objectives -----------------------------------------------------------------------------
     def fitness(self, objectives: dict[str, float]) -> float:
@@ -281,10 +281,15 @@ class Driver:
             return [ev.fitness]
         return [ev.objectives.get(n, math.nan) for n in self.names]
 
+    @staticmethod
+    def scored(store: RunStore) -> list[Evaluation]:
+        """The successful evaluations (those with a fitness), in the order recorded."""
+        return [e for e in store.evaluations("ok") if e.fitness is not None]
+
     def choose(self, store: RunStore) -> list[Evaluation]:
         """The best evaluation (earliest among equals), or up to ``export.top_k`` of the Pareto set
         spread along the first objective."""
-        ok = [e for e in store.evaluations() if e.status == "ok" and math.isfinite(e.fitness)]
+        ok = self.scored(store)
         if not ok:
             raise RuntimeError(f"no candidate of {store.path} was evaluated successfully; see the errors there")
         if self.n_obj == 1:
