@@ -123,21 +123,29 @@ def search(experiment: Path = typer.Argument(..., exists=True, dir_okay=False, h
            seed: Optional[int] = typer.Option(None, help="Override the experiment's seed."),
            ) -> None:
     """Run a search: validate everything first, then ask / evaluate / tell, checkpointing each step."""
-    from evomerge.search import RunExists, start
+    from evomerge.search import start
 
-    overrides = {k: v for k, v in {"address": address, "workers": workers, "gpus_per_worker": gpus_per_worker,
-                                   "seed": seed}.items() if v is not None}
+    overrides = _overrides(address=address, workers=workers, gpus_per_worker=gpus_per_worker, seed=seed)
+    print(_search_job(lambda: start(experiment, output_dir, console, overrides)))
+
+
+def _overrides(**values) -> dict:
+    """Command-line settings that replace the experiment's: only those given."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _search_job(job) -> Path:
+    """Run a search or a resume; errors a user can fix (bad input, an existing run, workers that
+    cannot start) end in one message and exit 2; Ctrl-C in 130. Other errors keep their traceback."""
+    from evomerge.distributed import WorkerStartError
+    from evomerge.search import RunExists
+
     try:
-        run_dir = start(experiment, output_dir, console, overrides)
+        return job()
     except KeyboardInterrupt:
         raise typer.Exit(130)
-    except (RunExists, ValueError) as err:
+    except (RunExists, ValueError, WorkerStartError) as err:
         _fail(str(err))
-    except RuntimeError as err:
-        if type(err).__name__ != "WorkerStartError":  # a bug: keep its traceback
-            raise
-        _fail(str(err))
-    print(run_dir)
 
 
 @app.command("fuse")
@@ -166,14 +174,8 @@ def resume_cmd(run_dir: Path = typer.Argument(..., exists=True, file_okay=False,
     """Continue a stopped or killed search exactly where it stopped."""
     from evomerge.search import resume
 
-    overrides = {k: v for k, v in {"address": address, "workers": workers,
-                                   "gpus_per_worker": gpus_per_worker}.items() if v is not None}
-    try:
-        resume(run_dir, console, overrides)
-    except KeyboardInterrupt:
-        raise typer.Exit(130)
-    except ValueError as err:
-        _fail(str(err))
+    overrides = _overrides(address=address, workers=workers, gpus_per_worker=gpus_per_worker)
+    _search_job(lambda: resume(run_dir, console, overrides))
     print(run_dir)
 
 

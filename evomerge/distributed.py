@@ -242,12 +242,10 @@ class RayPool:
     def __init__(self, worker_kwargs: Mapping[str, Any], workers: int = 2, address: Optional[str] = None,
                  gpus_per_worker: float = 0.0, cpus_per_worker: Optional[int] = None, max_retries: int = 2,
                  depth: int = 2, start_timeout_s: float = 900.0, max_start_failures: int = 3, quiet: bool = True):
-        for key, value, low in (("max_retries", max_retries, 0), ("depth", depth, 1),
+        for key, value, low in (("workers", workers, 1), ("max_retries", max_retries, 0), ("depth", depth, 1),
                                 ("max_start_failures", max_start_failures, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
         if not start_timeout_s > 0:
             raise ValueError(f"start_timeout_s must be > 0 seconds, got {start_timeout_s!r}")
         if address is not None and (not isinstance(address, str) or not address.strip()
@@ -259,7 +257,6 @@ class RayPool:
         self.max_retries = max_retries
         self.depth = depth
         self.max_start_failures = max_start_failures
-        self.address = address
         self._closed = False
         self._owns_ray = False
         self._slots: list[_Slot] = []

@@ -31,19 +31,6 @@ if TYPE_CHECKING:
 INITIAL = -1  # tag of the calibration made before the search
 
 
-class WithParents:
-    """An estimator bound to its calibration's parents (the sources), for mp-IRT / gmp-IRT."""
-
-    def __init__(self, estimator: Any, parents: list[str]):
-        self.estimator, self.parents = estimator, parents
-
-    def select_items(self) -> list[str]:
-        return self.estimator.select_items()
-
-    def estimate(self, item_ids, scores) -> float:
-        return self.estimator.estimate(item_ids, scores, parents=self.parents)
-
-
 def tag_of(phase: int, gen: int) -> int:
     """Calibrations are ordered by the (phase, generation) whose drift check made them."""
     return phase * 1_000_000 + gen
@@ -66,11 +53,9 @@ def _latest_tag(run_dir: Path, before: int | None = None) -> int | None:
 
 def _estimators(driver: "Driver", cals: dict[str, Calibration]) -> dict[str, Any]:
     spec = driver.exp.fitness.estimator
-    out = {}
-    for name, cal in cals.items():
-        est = make_estimator(spec.kind, spec.budget, calibration=cal, seed=driver.exp.seed)
-        out[name] = WithParents(est, cal.parents)
-    return out
+    # mp-IRT / gmp-IRT take their parents (the sources) from the calibration itself
+    return {name: make_estimator(spec.kind, spec.budget, calibration=cal, seed=driver.exp.seed)
+            for name, cal in cals.items()}
 
 
 def _item_benchmarks(driver: "Driver") -> dict[str, list[str]]:

@@ -66,20 +66,12 @@ def cma_trajectory(evaluate_recipe, experts, num_layers: int, generations: int, 
         responses.append(resp)
         return resp.mean()
 
-    try:
-        from cmaes import CMA
-        opt = CMA(mean=np.full(dim, 0.5), sigma=0.25, bounds=bounds, seed=seed)
-        for _ in range(generations):
-            told = [(x, -score(x)) for x in (opt.ask() for _ in range(opt.population_size))]
-            opt.tell(told)
-    except ImportError:  # nevergrad's CMA over the same box
-        import nevergrad as ng
-        param = ng.p.Array(init=np.full(dim, 0.5)).set_bounds(LOW, HIGH)
-        param.random_state = np.random.RandomState(seed)
-        opt = ng.optimizers.CMA(parametrization=param, budget=None)
-        for _ in range(generations * 11):
-            x = opt.ask()
-            opt.tell(x, -score(x.value))
+    from cmaes import CMA
+
+    opt = CMA(mean=np.full(dim, 0.5), sigma=0.25, bounds=bounds, seed=seed)
+    for _ in range(generations):
+        told = [(x, -score(x)) for x in (opt.ask() for _ in range(opt.population_size))]
+        opt.tell(told)
     return recipes, responses
 
 

@@ -36,16 +36,11 @@ def items_spent(run_dir: Path) -> dict[str, int]:
         final += sum(x["items"] for scores in (store.get_meta("full_scores", {}) or {}).values()
                      for x in scores.values())
         store.close()
-    calibration = 0
-    for pop in sorted((run_dir / "calibration").glob("*/*.population.npz")):
-        if pop.parent.name == "initial":
-            with np.load(pop) as z:
-                calibration += int(z["responses"].size)
-    full_items = 0
-    if (run_dir / "calibration" / "initial").exists():
-        for pop in (run_dir / "calibration" / "initial").glob("*.population.npz"):
-            with np.load(pop) as z:
-                full_items += int(z["responses"].shape[1])
+    calibration = full_items = 0  # the initial calibration population: models x every fitness item
+    for pop in sorted((run_dir / "calibration" / "initial").glob("*.population.npz")):
+        with np.load(pop) as z:
+            calibration += int(z["responses"].size)
+            full_items += int(z["responses"].shape[1])
     return {"search": search, "calibration": calibration, "drift": drift * full_items, "final": final,
             "total": search + calibration + drift * full_items + final}
 

@@ -372,13 +372,3 @@ def calibration_report(calibration: Calibration, holdout: Population | None = No
     truth = np.nanmean(holdout.columns(calibration.item_ids).responses, axis=1)
     est = evaluate_estimators(calibration, holdout, seeds=seeds)
     return {name: {n: float(np.abs(v - truth[None]).mean()) for n, v in per.items()} for name, per in est.items()}
-
-
-def format_report(report: dict[str, dict[int, float]], num_items: int | None = None) -> str:
-    """A plain-text table: estimators as rows, budgets as columns."""
-    budgets = sorted({n for per in report.values() for n in per})
-    head = "estimator   " + "".join(f"{(f'n={n}' if num_items is None else f'{n}/{num_items}'):>12}" for n in budgets)
-    lines = [head]
-    for name, per in report.items():
-        lines.append(f"{name:<12}" + "".join(f"{per.get(n, float('nan')):>12.4f}" for n in budgets))
-    return "\n".join(lines)

@@ -122,12 +122,10 @@ class MergeEngine:
                 gen = None
                 if method.randomized:
                     gen = FastRng(tensor_seed(recipe.evomerge.seed, name), self.device)
-                merged = merge_tensor(method, self.base[name], stack, per_model, glob, gen, out=target)
+                merge_tensor(method, self.base[name], stack, per_model, glob, gen, out=target)
             else:
                 w = dict(zip(inputs.inputs, per_model["weight"]))
-                merged = linear_from_deltas(self.base[name], stack, w.get(self.base_name, 0.0),
-                                            [w[m] for m in inputs.inputs if m != self.base_name],
-                                            bool(glob["normalize"]), out=target)
-            if merged is not target:
-                target.copy_(merged)
+                linear_from_deltas(self.base[name], stack, w.get(self.base_name, 0.0),
+                                   [w[m] for m in inputs.inputs if m != self.base_name],
+                                   bool(glob["normalize"]), out=target)
         return self.model

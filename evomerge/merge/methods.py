@@ -223,7 +223,7 @@ def _task_arithmetic_family(
     k = deltas.shape[0]
     compute = _compute_dtype(base, deltas)
     if k == 0:
-        return base.clone()
+        return weighted_sum(base, 1.0, deltas, [], compute, base.dtype, out)
     if sparsifier is not None:
         pruned = torch.empty(deltas.shape, dtype=compute, device=deltas.device)
         extra = [p for p in ("gamma", "epsilon") if p in model_params]

@@ -133,8 +133,8 @@ class PymooSearcher(Searcher):
                              f"use nsga2 or another pymoo.algorithms.moo algorithm (e.g. pymoo:NSGA3, pymoo:SMSEMOA)")
         kwargs = dict(self.spec.options)
         initial = _initial_genomes(self.spec, kwargs.pop("initial_genomes", None) or [])
-        check_options(self.spec.name, kwargs, accepted_options(cls))
         params = accepted_options(cls)
+        check_options(self.spec.name, kwargs, params)
         if "ref_dirs" in kwargs or _requires(cls, "ref_dirs"):
             kwargs["ref_dirs"] = _ref_dirs(kwargs.get("ref_dirs"), self.spec.n_obj)
         points = ([self.spec.x0] if self.spec.x0 is not None else []) + initial
