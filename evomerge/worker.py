@@ -62,12 +62,9 @@ class Worker:
             torch.set_num_threads(threads)
         self.device = resolve_device(device)
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{self.device}"
-        self.models = {k: Path(v) for k, v in models.items()}
-        self.base = base
-        self.dtype = as_dtype(dtype)
-        self.allow_pickle = allow_pickle
-        self.engine = MergeEngine(self.models, base, self.device, self.dtype, allow_pickle)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.models[base])
+        # the engine resolves each model once (a hub id is fetched there): read paths and dtype from it
+        self.engine = MergeEngine(models, base, self.device, as_dtype(dtype), allow_pickle)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.engine.sources.paths[base])
         self.evaluators = {s: {n: make_evaluator(spec, base_dir) for n, spec in specs.items()}
                            for s, specs in benchmarks.items()}
         self._pool: dict[str, torch.nn.Module] = {}
@@ -80,7 +77,7 @@ class Worker:
             self._pool[name] = copy.deepcopy(self.engine.materialize(merge)).eval()
         elif name not in self._pool:
             self._pool[name] = AutoModelForCausalLM.from_pretrained(
-                self.models[name], dtype=self.dtype).to(self.device).eval()
+                self.engine.sources.paths[name], dtype=self.engine.dtype).to(self.device).eval()
 
     def _model(self, recipe: Recipe) -> torch.nn.Module:
         if recipe.plan is not None:

@@ -19,7 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel, L
 from evomerge.fuse import (ce_weights, coalesce, dtw_align, fuse_mince, fuse_weighted, fusion_loss, source_distributions,
                            load_fuse_experiment, run_fuse, same_prefix_positions, token_surfaces, vocab_map)
 from evomerge.fuse.align import special_marker
-from evomerge.fuse.data import encode_pair, load_pairs, pad_batch, resolve_data_ref
+from evomerge.evaluate.builtin import resolve_items_ref
+from evomerge.fuse.data import encode_pair, load_pairs, pad_batch
 from evomerge.zoo.hetero import duplicate, ensure_hetero_expert, hetero_items_path
 from evomerge.zoo.skills import read_jsonl
 from evomerge.zoo.tokenizer import char_tokenizer
@@ -257,12 +258,12 @@ def test_target_may_be_a_folder_outside_the_sources(tmp_path, zoo):
 
 
 def test_data_refs_resolve_and_sample(hetero):
-    path = resolve_data_ref("hetero:dup/train")
+    path = resolve_items_ref("hetero:dup/train")
     assert path == hetero_items_path(hetero, "dup", "train")
     a, b = load_pairs(path, 50, seed=0), load_pairs(path, 50, seed=0)
     assert a == b and len({len(p) for p, _ in a}) > 1  # a seeded sample across lengths, not the first rows
     with pytest.raises(ValueError, match="no heterogeneous skill 'nope'"):
-        resolve_data_ref("hetero:nope/train")
+        resolve_items_ref("hetero:nope/train")
 
 
 def test_source_distributions_carry_the_experts_prediction_to_the_target_positions(hetero):

@@ -97,3 +97,9 @@ def exact_match(
                            tokenizer.pad_token_id, batch_size=batch_size, device=device)
     texts = tokenizer.batch_decode(outs, skip_special_tokens=True)
     return [float(t.strip() == it["answer"].strip()) for t, it in zip(texts, items)]
+
+
+def accuracy(model: torch.nn.Module, tokenizer, items: Sequence[dict]) -> float:
+    """Exact-match accuracy over ``items``, rounded to 4 places as the zoo and fusion reports print it."""
+    scores = exact_match(model, tokenizer, items)
+    return round(sum(scores) / len(scores), 4)

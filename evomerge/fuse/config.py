@@ -13,6 +13,7 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..config import read_experiment_yaml
+from ..evaluate.builtin import split_items_ref
 
 
 class Strict(BaseModel):
@@ -85,13 +86,11 @@ def check_model_ref(field: str, ref: str, root: Path) -> None:
 
 def check_data_ref(field: str, ref: str, root: Path) -> None:
     """Raise, naming the field, when an item reference is malformed or a file is missing."""
-    for scheme in ("zoo:", "hetero:"):
-        if ref.startswith(scheme):
-            skill, _, split = ref[len(scheme):].partition("/")
-            if not skill or not split or "/" in split:
-                raise ValueError(f"{field}: '{ref}' must look like '{scheme}<skill>/<split>', e.g. '{scheme}"
-                                 f"{'rev' if scheme == 'zoo:' else 'dup'}/train'")
+    try:
+        if split_items_ref(ref) is not None:
             return
+    except ValueError as err:
+        raise ValueError(f"{field}: {err}") from None
     if not (root / ref).expanduser().is_file() and not Path(ref).expanduser().is_file():
         raise ValueError(f"{field}: item file '{ref}' does not exist (looked beside the experiment file and in "
                          "the working directory); give a JSONL path, 'zoo:<skill>/<split>' or 'hetero:<skill>/<split>'")

@@ -13,28 +13,9 @@ from typing import Any, Sequence
 
 import torch
 
-from evomerge.evaluate.builtin import read_items_file, resolve_items_ref
+from evomerge.evaluate.builtin import read_items_file
 
 Pair = tuple[str, str]
-
-
-def resolve_data_ref(ref: str) -> Path:
-    """``zoo:<skill>/<split>``, ``hetero:<skill>/<split>`` (the heterogeneous expert's items) or a path."""
-    if ref.startswith("hetero:"):
-        skill, _, split = ref[len("hetero:"):].partition("/")
-        if not skill or not split or "/" in split:
-            raise ValueError(f"reference '{ref}' must look like 'hetero:<skill>/<split>', e.g. 'hetero:dup/train'")
-        from evomerge.zoo import ensure_zoo
-        from evomerge.zoo.hetero import HETERO_SKILLS, HeteroSpec, ensure_hetero_expert, hetero_items_path
-
-        if skill not in HETERO_SKILLS:
-            raise ValueError(f"reference '{ref}': no heterogeneous skill '{skill}'; choose one of {sorted(HETERO_SKILLS)}")
-        path = hetero_items_path(ensure_hetero_expert(ensure_zoo(), spec=HeteroSpec(skill=skill)), skill, split)
-        if not path.exists():
-            have = sorted(p.stem for p in path.parent.glob("*.jsonl"))
-            raise ValueError(f"reference '{ref}': no split '{split}'; choose one of {have}")
-        return path
-    return resolve_items_ref(ref)
 
 
 def load_pairs(path: Path, limit: int | None, seed: int, prompt_key: str = "prompt",

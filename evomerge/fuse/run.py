@@ -24,9 +24,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from evomerge.evaluate.generation import exact_match
+from evomerge.evaluate.generation import accuracy
 from evomerge.fuse.config import FuseExperiment, load_fuse_experiment
-from evomerge.fuse.data import encode_pair, load_pairs, pad_batch, pad_id, resolve_data_ref
+from evomerge.evaluate.builtin import resolve_items_ref
+from evomerge.fuse.data import encode_pair, load_pairs, pad_batch, pad_id
 from evomerge.fuse.distributions import SourceDistributions, source_distributions
 from evomerge.fuse.train import FuseData, StepLog, latest_checkpoint, train_fused
 
@@ -53,7 +54,7 @@ def resolve_model_ref(ref: str, root: Path) -> Path:
 def _data_path(ref: str, root: Path) -> Path:
     if not ref.startswith(("zoo:", "hetero:")) and (root / ref).is_file():
         return root / ref
-    return resolve_data_ref(ref)
+    return resolve_items_ref(ref)
 
 
 def _progress(console: Console) -> Progress:
@@ -82,8 +83,8 @@ def _dist_key(exp: FuseExperiment, paths: dict[str, Path], target: Path, data_pa
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def accuracy(model, tok, eval_sets: dict[str, list[dict]]) -> dict[str, float]:
-    return {name: round(sum(s := exact_match(model, tok, items)) / len(s), 4) for name, items in eval_sets.items()}
+def set_accuracy(model, tok, eval_sets: dict[str, list[dict]]) -> dict[str, float]:
+    return {name: accuracy(model, tok, items) for name, items in eval_sets.items()}
 
 
 def run_fuse(exp_path: str | Path, console: Console | None = None, output_dir: str | Path | None = None,
@@ -122,7 +123,7 @@ def run_fuse(exp_path: str | Path, console: Console | None = None, output_dir: s
 
     eval_sets = {ref: _eval_items(ref, root) for ref in exp.eval}
     model = AutoModelForCausalLM.from_pretrained(target_path).to(exp.device)
-    before = accuracy(model, target_tok, eval_sets) if eval_sets else {}
+    before = set_accuracy(model, target_tok, eval_sets) if eval_sets else {}
     ckpt_dir = run_dir / "checkpoints"
     last = latest_checkpoint(ckpt_dir)
     start = int(last.name.split("-")[1]) if last else 0
@@ -148,12 +149,12 @@ def run_fuse(exp_path: str | Path, console: Console | None = None, output_dir: s
     tmp.rename(out)
     _copy_hetero_items([d.path for d in exp.data] + list(exp.eval), run_dir)
 
-    after = accuracy(model, target_tok, eval_sets) if eval_sets else {}
+    after = set_accuracy(model, target_tok, eval_sets) if eval_sets else {}
     source_acc = {}
     for name, p in paths.items():
-        if eval_sets:
-            source_acc[name] = accuracy(AutoModelForCausalLM.from_pretrained(p).to(exp.device),
-                                        AutoTokenizer.from_pretrained(p), eval_sets)
+        if eval_sets:  # the target, when it is a source, was scored already: `before`
+            source_acc[name] = before if p == target_path else set_accuracy(
+                AutoModelForCausalLM.from_pretrained(p).to(exp.device), AutoTokenizer.from_pretrained(p), eval_sets)
     report = {"name": exp.name, "target": str(target_path), "pairs": len(pairs), "lambda": exp.train.lam,
               "strategy": exp.fusion.strategy, "steps": exp.train.steps, "coverage": coverage,
               "accuracy": {**{f"source {k}": v for k, v in source_acc.items()},
@@ -185,7 +186,7 @@ def _eval_items(ref: str, root: Path) -> list[dict]:
 def _copy_hetero_items(refs: list[str], run_dir: Path) -> None:
     """Copy every split of each heterogeneous skill used, for searches that score the new skill."""
     for skill in sorted({r[len("hetero:"):].partition("/")[0] for r in refs if r.startswith("hetero:")}):
-        src = resolve_data_ref(f"hetero:{skill}/train").parent
+        src = resolve_items_ref(f"hetero:{skill}/train").parent
         dst = run_dir / "items" / skill
         dst.mkdir(parents=True, exist_ok=True)
         for f in src.glob("*.jsonl"):

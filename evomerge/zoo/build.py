@@ -27,7 +27,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from evomerge.evaluate.generation import exact_match
+from evomerge.evaluate.generation import accuracy
 from evomerge.zoo.skills import SKILLS, make_items, random_string, read_jsonl, write_jsonl
 from evomerge.zoo.tokenizer import char_tokenizer
 from evomerge.zoo.train import train
@@ -225,18 +225,13 @@ def _build(spec: ZooSpec, out: Path, console: Console) -> None:
 
     models = {"base": base, **{f"expert_{k}": v for k, v in experts.items()},
               "uniform_task_arithmetic": _uniform_task_arithmetic(base, list(experts.values()), 1 / len(experts))}
-    acc = {m: {s: _accuracy(model, tok, read_jsonl(out / "items" / s / "test.jsonl")) for s in skills}
+    acc = {m: {s: accuracy(model, tok, read_jsonl(out / "items" / s / "test.jsonl")) for s in skills}
            for m, model in models.items()}
     checks = zoo_checks(acc, list(spec.experts))
     report = {"split": "test", "accuracy": acc, "checks": checks, "spec": asdict(spec)}
     (out / "spec.json").write_text(json.dumps(asdict(spec), indent=1))
     (out / "accuracy.json").write_text(json.dumps(report, indent=1))
     print_accuracy(acc, checks, skills, console)
-
-
-def _accuracy(model, tok, items: list[dict]) -> float:
-    scores = exact_match(model, tok, items)
-    return round(sum(scores) / len(scores), 4)
 
 
 def zoo_checks(acc: dict[str, dict[str, float]], experts: list[str]) -> dict[str, bool]:

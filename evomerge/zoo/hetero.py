@@ -35,7 +35,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from evomerge.evaluate.generation import exact_match
+from evomerge.evaluate.generation import accuracy
 from evomerge.zoo.build import Zoo
 from evomerge.zoo.skills import SKILLS, Skill, make_items, random_string, read_jsonl, write_jsonl
 from evomerge.zoo.train import train
@@ -172,11 +172,6 @@ def _sampler(spec: HeteroSpec, held_out: dict[str, set[str]]):
     return sample
 
 
-def _accuracy(model, tok, items: list[dict]) -> float:
-    scores = exact_match(model, tok, items)
-    return round(sum(scores) / len(scores), 4)
-
-
 def _build(zoo: Zoo, spec: HeteroSpec, out: Path, console: Console) -> None:
     skill = HETERO_SKILLS[spec.skill]
     splits = make_items(skill, dict(zoo.spec.splits), zoo.spec.item_lengths, spec.seed)
@@ -207,10 +202,10 @@ def _build(zoo: Zoo, spec: HeteroSpec, out: Path, console: Console) -> None:
     copy_items = [{"prompt": p, "answer": a} for p, a in
                   (_skill(n).item(random_string(rng, _skill(n).alphabet, 3, 6)) for n in ("copy", "copyl")
                    for _ in range(150))]
-    acc = {"hetero_expert": {skill.name: _accuracy(model, tok, test), "copy": _accuracy(model, tok, copy_items)}}
+    acc = {"hetero_expert": {skill.name: accuracy(model, tok, test), "copy": accuracy(model, tok, copy_items)}}
     for name, path in {"base": zoo.base, **zoo.experts}.items():
         zm, zt = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
-        acc[f"zoo_{name}"] = {skill.name: _accuracy(zm, zt, test)}
+        acc[f"zoo_{name}"] = {skill.name: accuracy(zm, zt, test)}
     report = {"split": "test", "accuracy": acc, "spec": asdict(spec), "zoo": zoo.spec.digest(),
               "tokenizer": {"vocab_size": len(tok), "example": tok.tokenize(test[0]["prompt"] + test[0]["answer"])}}
     (out / "spec.json").write_text(json.dumps(asdict(spec), indent=1))
