@@ -176,8 +176,6 @@ class SearcherSpec(Strict):
         if self.start_from_sources and not (self.name == "nsga2" or self.name.startswith("pymoo:")):
             raise ValueError(f"searcher.start_from_sources needs a population the sources can join: nsga2 or "
                              f"pymoo:<Algorithm>, not '{self.name}' (CMA-ES starts from one point, x0)")
-        if "initial_genomes" in self.options:
-            raise ValueError("searcher.options.initial_genomes is set by evomerge; use start_from_sources: true")
         return self
 
 

@@ -165,15 +165,16 @@ class Driver:
         if last is None:
             opts = dict(self.exp.searcher.options)
             opts.pop("multi_objective", None)
+            starts = {}
             if self.exp.searcher.start_from_sources:
                 starts = genome.source_genomes() if isinstance(genome, PSGenome) else {}
                 if not starts:
                     self.console.print(f"[yellow]start_from_sources: phase {k}'s space ({space.kind}, "
                                        f"{getattr(space, 'method', 'layer plan')}) cannot express a source "
                                        f"exactly; starting from a random population[/yellow]")
-                opts["initial_genomes"] = [x.tolist() for x in starts.values()]
             searcher = make_searcher(self.exp.searcher.name, genome.lower, genome.upper, x0=genome.x0,
-                                     n_obj=self.n_obj, seed=self.exp.seed + k, **opts)
+                                     n_obj=self.n_obj, seed=self.exp.seed + k, starts=list(starts.values()),
+                                     **opts)
             gen = 0
         else:
             searcher = Searcher.from_state(last[1])

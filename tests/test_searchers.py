@@ -311,20 +311,21 @@ def test_x0_is_the_start():
     assert np.allclose(np.mean(cma.ask(), axis=0), x0, atol=0.1)
 
 
-def test_initial_genomes_join_the_first_population_and_survive_a_reload():
+def test_starting_genomes_join_the_first_population_and_survive_a_reload():
     """start_from_sources: the sources' genomes are in the first population, with x0, exactly."""
     x0 = np.array([0.9, 1.9, 0.1, 2.9, -0.9, 2.9])
     starts = [LOWER.copy(), UPPER.copy(), (LOWER + UPPER) / 3]
-    s = make_searcher("nsga2", LOWER, UPPER, x0=x0, seed=0, n_obj=2, pop_size=8,
-                      initial_genomes=[x.tolist() for x in starts])
+    s = make_searcher("nsga2", LOWER, UPPER, x0=x0, seed=0, n_obj=2, pop_size=8, starts=starts)
     first = s.ask()
     got = {g.tobytes() for g in first}
     assert all(x.tobytes() in got for x in starts + [x0]) and len(first) == 8
     again = Searcher.from_state(make_searcher("nsga2", LOWER, UPPER, x0=x0, seed=0, n_obj=2, pop_size=8,
-                                              initial_genomes=[x.tolist() for x in starts]).state_dict())
+                                              starts=starts).state_dict())
     assert [g.tobytes() for g in again.ask()] == [g.tobytes() for g in first]
-    with pytest.raises(ValueError, match=r"initial_genomes\[0\] must be a genome of 6 genes"):
-        make_searcher("nsga2", LOWER, UPPER, seed=0, pop_size=8, initial_genomes=[[0.0]]).ask()
+    with pytest.raises(ValueError, match=r"starts\[0\] has shape \(1,\), the genome has \(6,\)"):
+        make_searcher("nsga2", LOWER, UPPER, seed=0, pop_size=8, starts=[[0.0]])
+    with pytest.raises(ValueError, match=r"cmaes starts from one point \(x0\), not a population"):
+        make_searcher("cmaes", LOWER, UPPER, seed=0, starts=starts)
 
 
 def test_cmaes_sigma_is_a_fraction_of_each_range():

@@ -47,6 +47,9 @@ class SearcherSpec:
     n_obj: int = 1
     seed: int = 0
     options: dict[str, Any] = field(default_factory=dict)
+    #: genomes the first population must hold besides x0 (e.g. the source models); population-based
+    #: searchers only
+    starts: Sequence[np.ndarray] = ()
 
     def __post_init__(self) -> None:
         lower = np.array(self.lower, dtype=np.float64, copy=True)
@@ -61,16 +64,8 @@ class SearcherSpec:
             i = int(bad[0])
             raise ValueError(f"gene {i}: lower {lower[i]} must be < upper {upper[i]} "
                              f"(fix the bounds of the search space)")
-        x0 = None
-        if self.x0 is not None:
-            x0 = np.array(self.x0, dtype=np.float64, copy=True)
-            if x0.shape != lower.shape:
-                raise ValueError(f"x0 has shape {x0.shape}, the genome has {lower.shape}")
-            out = np.flatnonzero(~((x0 >= lower) & (x0 <= upper)))
-            if out.size:
-                i = int(out[0])
-                raise ValueError(f"x0[{i}] = {x0[i]} lies outside [{lower[i]}, {upper[i]}]; "
-                                 f"give an x0 inside the bounds")
+        x0 = None if self.x0 is None else _in_box("x0", self.x0, lower, upper)
+        starts = tuple(_in_box(f"starts[{j}]", s, lower, upper) for j, s in enumerate(self.starts))
         if isinstance(self.n_obj, bool) or not isinstance(self.n_obj, (int, np.integer)) or self.n_obj < 1:
             raise ValueError(f"n_obj must be an integer >= 1, got {self.n_obj!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or not 0 <= self.seed < 2**32:
@@ -80,11 +75,12 @@ class SearcherSpec:
         except (TypeError, ValueError) as e:
             raise ValueError(f"searcher options must be plain JSON values (numbers, strings, lists, dicts): "
                              f"{e}") from None
-        for arr in (lower, upper) + ((x0,) if x0 is not None else ()):
+        for arr in (lower, upper) + ((x0,) if x0 is not None else ()) + starts:
             arr.setflags(write=False)
         object.__setattr__(self, "lower", lower)
         object.__setattr__(self, "upper", upper)
         object.__setattr__(self, "x0", x0)
+        object.__setattr__(self, "starts", starts)
         object.__setattr__(self, "n_obj", int(self.n_obj))
         object.__setattr__(self, "seed", int(self.seed))
         object.__setattr__(self, "options", options)
@@ -100,12 +96,26 @@ class SearcherSpec:
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "lower": self.lower.tolist(), "upper": self.upper.tolist(),
                 "x0": None if self.x0 is None else self.x0.tolist(), "n_obj": self.n_obj, "seed": self.seed,
-                "options": self.options}
+                "options": self.options, "starts": [s.tolist() for s in self.starts]}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "SearcherSpec":
         return cls(d["name"], np.array(d["lower"]), np.array(d["upper"]),
-                   None if d["x0"] is None else np.array(d["x0"]), d["n_obj"], d["seed"], d["options"])
+                   None if d["x0"] is None else np.array(d["x0"]), d["n_obj"], d["seed"], d["options"],
+                   [np.array(s) for s in d.get("starts", [])])
+
+
+def _in_box(what: str, x: Any, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+    """A float64 copy of genome ``x``, checked to be one genome inside [lower, upper]."""
+    x = np.array(x, dtype=np.float64, copy=True)
+    if x.shape != lower.shape:
+        raise ValueError(f"{what} has shape {x.shape}, the genome has {lower.shape}")
+    out = np.flatnonzero(~((x >= lower) & (x <= upper)))
+    if out.size:
+        i = int(out[0])
+        raise ValueError(f"{what}[{i}] = {x[i]} lies outside [{lower[i]}, {upper[i]}]; "
+                         f"give {what} inside the bounds")
+    return x
 
 
 def _numpy_to_plain(x: Any) -> Any:
@@ -170,6 +180,8 @@ class Searcher(ABC):
     steady_state: ClassVar[bool] = False
     #: Whether more than one objective is supported.
     multi_objective: ClassVar[bool] = True
+    #: Whether a starting population (``spec.starts``) is supported.
+    takes_starts: ClassVar[bool] = False
 
     spec: SearcherSpec
 
@@ -177,6 +189,9 @@ class Searcher(ABC):
         if spec.n_obj > 1 and not self.multi_objective:
             raise ValueError(f"{spec.name} optimizes a single objective, got n_obj={spec.n_obj}; "
                              f"use 'nsga2' (or another multi-objective searcher) for several objectives")
+        if spec.starts and not self.takes_starts:
+            raise ValueError(f"{spec.name} starts from one point (x0), not a population: starting genomes "
+                             f"(start_from_sources) need nsga2 or pymoo:<Algorithm>")
         self._init_common(spec)
         self._start()
 

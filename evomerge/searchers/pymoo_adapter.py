@@ -121,6 +121,7 @@ class PymooSearcher(Searcher):
 
     steady_state = False
     multi_objective = True
+    takes_starts = True
 
     @property
     def algorithm_name(self) -> str:
@@ -132,15 +133,14 @@ class PymooSearcher(Searcher):
             raise ValueError(f"{self.spec.name} is a single-objective algorithm, got n_obj={self.spec.n_obj}; "
                              f"use nsga2 or another pymoo.algorithms.moo algorithm (e.g. pymoo:NSGA3, pymoo:SMSEMOA)")
         kwargs = dict(self.spec.options)
-        initial = _initial_genomes(self.spec, kwargs.pop("initial_genomes", None) or [])
         params = accepted_options(cls)
         check_options(self.spec.name, kwargs, params)
         if "ref_dirs" in kwargs or _requires(cls, "ref_dirs"):
             kwargs["ref_dirs"] = _ref_dirs(kwargs.get("ref_dirs"), self.spec.n_obj)
-        points = ([self.spec.x0] if self.spec.x0 is not None else []) + initial
+        points = ([self.spec.x0] if self.spec.x0 is not None else []) + list(self.spec.starts)
         if points:
             if "sampling" not in params:
-                raise ValueError(f"{self.spec.name} takes no initial population, so neither x0 nor initial "
+                raise ValueError(f"{self.spec.name} takes no initial population, so neither x0 nor starting "
                                  f"genomes can be used: pass x0=None and no start_from_sources")
             kwargs["sampling"] = X0Sampling(np.array(points))
         self._rng = GlobalRNG(self.spec.seed)
@@ -194,17 +194,6 @@ class PymooSearcher(Searcher):
 
         self._algo, self._infill, self._todo = dill.loads(payload)
         self._rng = GlobalRNG.from_json(meta["global_rng"])
-
-
-def _initial_genomes(spec, rows: list) -> list[np.ndarray]:
-    """Genomes the first population must contain (option ``initial_genomes``), checked against the box."""
-    out = []
-    for i, row in enumerate(rows):
-        x = np.array(row, dtype=np.float64)
-        if x.shape != spec.lower.shape or not np.all((x >= spec.lower) & (x <= spec.upper)):
-            raise ValueError(f"initial_genomes[{i}] must be a genome of {spec.dim} genes inside the bounds")
-        out.append(x)
-    return out
 
 
 def _requires(cls: type, arg: str) -> bool:
