@@ -117,6 +117,12 @@ def _objective_values(obj: np.ndarray | dict[str, float] | None) -> np.ndarray:
     return np.array(list(obj.values()) if isinstance(obj, dict) else obj, dtype=np.float64)
 
 
+def _usable(objectives: np.ndarray | dict[str, float] | None, fitness: float | None) -> bool:
+    """What an 'ok' evaluation must have: objectives, all finite, and a finite fitness if any."""
+    return (objectives is not None and bool(np.all(np.isfinite(_objective_values(objectives))))
+            and (fitness is None or math.isfinite(fitness)))
+
+
 def _nan_to_null(v: float) -> float | None:
     return None if math.isnan(v) else v
 
@@ -181,12 +187,9 @@ class Evaluation:
         self.fitness = None if self.fitness is None else float(self.fitness)
         if self.status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
-        if self.status == "ok":
-            if self.objectives is None or np.any(np.isnan(_objective_values(self.objectives))):
-                raise ValueError("an 'ok' evaluation needs objectives without NaN; "
-                                 "record a failure with status='failed'")
-            if self.fitness is not None and not math.isfinite(self.fitness):
-                raise ValueError(f"an 'ok' evaluation needs a finite fitness, got {self.fitness}")
+        if self.status == "ok" and not _usable(self.objectives, self.fitness):
+            raise ValueError(f"an 'ok' evaluation needs finite objectives and a finite fitness (got objectives "
+                             f"{self.objectives}, fitness {self.fitness}); record a failure with status='failed'")
 
     @classmethod
     def of(cls, genome: Any, objectives: Any = None, fitness: float | None = None, error: str | None = None,
@@ -194,9 +197,7 @@ class Evaluation:
         """An evaluation whose status follows from its content: 'failed' when there is an error, no
         objectives, a non-finite objective or a non-finite fitness; 'ok' otherwise."""
         obj = _as_objectives(objectives)
-        values = _objective_values(obj)
-        failed = (error is not None or obj is None or not np.all(np.isfinite(values))
-                  or (fitness is not None and not math.isfinite(fitness)))
+        failed = error is not None or not _usable(obj, fitness)
         return cls(genome, obj, fitness=fitness, error=error, status="failed" if failed else "ok", **fields)
 
     @property

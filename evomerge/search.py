@@ -28,6 +28,7 @@ from evomerge.pool import LocalPool, Pool, Task
 from evomerge.recipe import Recipe
 from evomerge.runstore import Evaluation, RunStore
 from evomerge.searchers import Searcher, make_searcher
+from evomerge.searchers.loop import open_searcher
 
 MULTI_OBJECTIVE = {"nsga2", "pymoo:NSGA2", "pymoo:NSGA3", "pymoo:MOEAD", "pymoo:SMSEMOA", "pymoo:AGEMOEA",
                    "pymoo:AGEMOEA2", "pymoo:RNSGA2", "pymoo:SPEA2", "pymoo:CTAEA", "pymoo:UNSGA3"}
@@ -161,8 +162,8 @@ class Driver:
         genome = self.genome_space(k, space, earlier)
         store = RunStore(phase_dir / "run.sqlite")
         store.set_meta("genes", genome.names)
-        last = store.last_state()
-        if last is None:
+
+        def fresh() -> Searcher:
             opts = dict(self.exp.searcher.options)
             opts.pop("multi_objective", None)
             starts = {}
@@ -172,13 +173,10 @@ class Driver:
                     self.console.print(f"[yellow]start_from_sources: phase {k}'s space ({space.kind}, "
                                        f"{getattr(space, 'method', 'layer plan')}) cannot express a source "
                                        f"exactly; starting from a random population[/yellow]")
-            searcher = make_searcher(self.exp.searcher.name, genome.lower, genome.upper, x0=genome.x0,
-                                     n_obj=self.n_obj, seed=self.exp.seed + k, starts=list(starts.values()),
-                                     **opts)
-            gen = 0
-        else:
-            searcher = Searcher.from_state(last[1])
-            gen = last[0] + 1
+            return make_searcher(self.exp.searcher.name, genome.lower, genome.upper, x0=genome.x0,
+                                 n_obj=self.n_obj, seed=self.exp.seed + k, starts=list(starts.values()), **opts)
+
+        searcher, gen = open_searcher(store, fresh)  # restored from the last committed tell, if any
         self.estimator.sync(self, k, gen)
         columns = [TextColumn(f"phase {k} ({space.kind})"), BarColumn(), TextColumn("{task.completed}/{task.total} evals"),
                    TextColumn("gen {task.fields[gen]}"), TextColumn("best {task.fields[best]}"),
