@@ -20,6 +20,7 @@ import torch
 
 from evomerge.fuse.config import FusionSpec, TrainSpec
 from evomerge.fuse.distributions import SourceDistributions, ce_weights, fuse_mince, fuse_weighted
+from evomerge.zoo.train import optimizer
 
 StepLog = Callable[[int, dict[str, float]], None]
 
@@ -81,14 +82,6 @@ def fusion_loss(logits: torch.Tensor, labels: torch.Tensor, fused_idx: Optional[
     return lam * ce + (1 - lam) * kl, ce.item(), kl.item()
 
 
-def _schedule(steps: int, warmup: int) -> Callable[[int], float]:
-    def lr_factor(s: int) -> float:
-        warm = min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
-        return warm * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-
-    return lr_factor
-
-
 def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
     done = sorted(p for p in ckpt_dir.glob("step-*") if (p / "state.pt").exists())
     return done[-1] if done else None
@@ -118,8 +111,7 @@ def train_fused(model: torch.nn.Module, data: FuseData, spec: TrainSpec, fusion:
     there, which is how the tests simulate a kill.
     """
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(spec.steps, spec.warmup))
+    opt, sched = optimizer(model, spec.lr, spec.weight_decay, spec.steps, spec.warmup)
     history: list[dict] = []
     start = 0
     last = latest_checkpoint(ckpt_dir)
