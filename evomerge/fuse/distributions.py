@@ -132,10 +132,12 @@ def source_distributions(model: torch.nn.Module, source_tok: Any, target_tok: An
     for lo in range(0, n, batch_size):
         enc = [encode_pair(source_tok, *pr) for pr in pairs[lo: lo + batch_size]]
         ids, mask, labels = pad_batch([e[0] for e in enc], [e[1] for e in enc], pad_id(source_tok))
-        logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1).cpu()
+        # on the model's device: only the answers' NLL and the top-k ([B, Ts, k]) come back, not [B, Ts, V]
+        logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
+        labels = labels.to(logp.device)
         nll = -logp[:, :-1].gather(-1, labels[:, 1:].clamp_min(0)[..., None])[..., 0]
-        out_ce[lo: lo + len(enc)] = (nll * (labels[:, 1:] != -100)).sum(-1)
-        top_lp, top_ids = logp.topk(min(top_k, logp.shape[-1]), dim=-1)  # [B, Ts, k] in the source's vocabulary
+        out_ce[lo: lo + len(enc)] = (nll * (labels[:, 1:] != -100)).sum(-1).cpu()
+        top_lp, top_ids = (x.cpu() for x in logp.topk(min(top_k, logp.shape[-1]), dim=-1))  # source vocabulary
         mapped = vmap[top_ids]
         probs = torch.where(mapped >= 0, top_lp.exp(), torch.zeros_like(top_lp))
         mapped_idx, mapped_p = coalesce(mapped.clamp_min(0), probs)
