@@ -20,6 +20,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from rich.console import Console
@@ -125,16 +126,29 @@ def ensure_zoo(spec: ZooSpec | None = None, root: str | Path | None = None,
     if (final / "accuracy.json").exists() and not force:
         return Zoo(final, spec)
     console = console or Console(stderr=True)
-    tmp = root / f".building-{spec.digest()}-{os.getpid()}"
+    build_atomically(final, lambda tmp: _build(spec, tmp, console), console, "zoo")
+    return Zoo(final, spec)
+
+
+def build_atomically(final: Path, build: Callable[[Path], None], console: Console, what: str) -> None:
+    """Run ``build`` into a temporary folder beside ``final`` and rename it into place at the end, so
+    an interrupted build never leaves a half-built folder that a later call takes for a finished one."""
+    tmp = final.parent / f".building-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     t0 = time.time()
-    _build(spec, tmp, console)
+    build(tmp)
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    console.print(f"[green]zoo built in {time.time() - t0:.0f} s[/green] -> {final}")
-    return Zoo(final, spec)
+    console.print(f"[green]{what} built in {time.time() - t0:.0f} s[/green] -> {final}")
+
+
+def training_progress(console: Console) -> Progress:
+    """The progress display of the zoo's training runs: one bar per model, with its running loss."""
+    return Progress(TextColumn("{task.description:<14}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=console)
 
 
 def _model_config(spec: ZooSpec, tok) -> LlamaConfig:
@@ -170,13 +184,13 @@ def _sampler(mixture: Mixture, held_out: dict[str, set[str]]):
     return sample
 
 
-def _train_with_progress(progress: Progress, label: str, model, tok, sampler, steps, lr, spec, seed):
+def train_with_progress(progress: Progress, label: str, model, tok, sampler, steps, lr, batch_size, seed):
     task = progress.add_task(label, total=steps, loss=float("nan"))
-    train(model, tok, sampler, steps, lr, spec.batch_size, seed,
+    train(model, tok, sampler, steps, lr, batch_size, seed,
           log=lambda step, loss: progress.update(task, advance=1, loss=loss))
 
 
-def _save(model, tok, path: Path) -> None:
+def save_model(model, tok, path: Path) -> None:
     model.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
 
@@ -205,22 +219,20 @@ def _build(spec: ZooSpec, out: Path, console: Console) -> None:
     cfg = _model_config(spec, tok)
     torch.manual_seed(spec.seed)
     base = LlamaForCausalLM(cfg)
-    columns = [TextColumn("{task.description:<14}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn()]
     experts = {}
-    with Progress(*columns, console=console) as progress:
-        _train_with_progress(progress, "base", base, tok, _sampler(spec.base_mixture, held_out),
-                             spec.base_steps, spec.base_lr, spec, spec.seed)
-        _save(base, tok, out / "base")
+    with training_progress(console) as progress:
+        train_with_progress(progress, "base", base, tok, _sampler(spec.base_mixture, held_out),
+                            spec.base_steps, spec.base_lr, spec.batch_size, spec.seed)
+        save_model(base, tok, out / "base")
         full = (1.0, *spec.lengths, None)
         for i, name in enumerate(spec.experts):
             mix: Mixture = {name: (spec.expert_share, *full[1:]),
                             "copy": ((1 - spec.expert_share) * 2 / 3, *full[1:]),
                             "copyl": ((1 - spec.expert_share) / 3, *full[1:])}
             expert = copy.deepcopy(base)
-            _train_with_progress(progress, f"expert {name}", expert, tok, _sampler(mix, held_out),
-                                 spec.expert_steps, spec.expert_lr, spec, spec.seed + 1 + i)
-            _save(expert, tok, out / name)
+            train_with_progress(progress, f"expert {name}", expert, tok, _sampler(mix, held_out),
+                                spec.expert_steps, spec.expert_lr, spec.batch_size, spec.seed + 1 + i)
+            save_model(expert, tok, out / name)
             experts[name] = expert
 
     models = {"base": base, **{f"expert_{k}": v for k, v in experts.items()},

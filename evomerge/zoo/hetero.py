@@ -22,23 +22,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import shutil
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from evomerge.evaluate.generation import accuracy
-from evomerge.zoo.build import Zoo
+from evomerge.zoo.build import Zoo, build_atomically, save_model, train_with_progress, training_progress
 from evomerge.zoo.skills import SKILLS, Skill, make_items, random_string, read_jsonl, write_jsonl
-from evomerge.zoo.train import train
 
 HETERO_VERSION = 1  # bump when the build code changes what it produces for the same spec
 BOS, EOS, PAD = "<|bos|>", "<|endoftext|>", "<|pad|>"
@@ -110,15 +105,7 @@ def ensure_hetero_expert(zoo: Zoo, root: str | Path | None = None, spec: HeteroS
     if (final / "accuracy.json").exists() and not force:
         return final / spec.skill
     console = console or Console(stderr=True)
-    tmp = final.parent / f".building-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    t0 = time.time()
-    _build(zoo, spec, tmp, console)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    console.print(f"[green]heterogeneous expert built in {time.time() - t0:.0f} s[/green] -> {final}")
+    build_atomically(final, lambda tmp: _build(zoo, spec, tmp, console), console, "heterogeneous expert")
     return final / spec.skill
 
 
@@ -185,14 +172,10 @@ def _build(zoo: Zoo, spec: HeteroSpec, out: Path, console: Console) -> None:
                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(spec.seed)
     model = GPT2LMHeadModel(cfg)
-    columns = [TextColumn("{task.description:<14}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task(f"gpt2 {skill.name}", total=spec.steps, loss=float("nan"))
-        train(model, tok, _sampler(spec, held_out), spec.steps, spec.lr, spec.batch_size, spec.seed,
-              log=lambda step, loss: progress.update(task, advance=1, loss=loss))
-    model.save_pretrained(out / skill.name, safe_serialization=True)
-    tok.save_pretrained(out / skill.name)
+    with training_progress(console) as progress:
+        train_with_progress(progress, f"gpt2 {skill.name}", model, tok, _sampler(spec, held_out), spec.steps,
+                            spec.lr, spec.batch_size, spec.seed)
+    save_model(model, tok, out / skill.name)
     tok.backend_tokenizer.model.save(str(out / skill.name))  # vocab.json + merges.txt, for GPT-2 tooling
 
     # Measure with the saved files, loaded as a user would: the expert on its skills, the zoo on the new one.
