@@ -9,7 +9,7 @@ import os
 # measured on 2 cores: 60-100 s per zoo candidate spinning vs 1.2 s passive.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -31,7 +31,7 @@ def _quiet() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _fail(msg: str) -> None:
+def _fail(msg: str) -> NoReturn:
     console.print(f"[red]error:[/red] {msg}", soft_wrap=True)
     raise typer.Exit(2)
 
@@ -59,14 +59,10 @@ def irt_calibrate(experiment: Path = typer.Argument(..., exists=True, dir_okay=F
     """Evaluate the sources and random merges of the experiment's search space on every fitness item,
     fit (M)2PL models per benchmark, choose anchors for the item budget, and save the calibration.
     Point `fitness.estimator.calibration` at the folder to reuse it in searches."""
-    from evomerge.config import load_experiment
-    from evomerge.irt_search import calibrate_population
-    from evomerge.search import Driver
+    from evomerge.run import calibrate
 
     try:
-        exp = load_experiment(experiment)
-        driver = Driver(exp, out, experiment.resolve().parent, console)
-        calibrate_population(driver, out, models if models is not None else exp.fitness.estimator.calibration_models)
+        calibrate(experiment, out, models, console)
     except ValueError as err:
         _fail(str(err))
     print(out)
@@ -81,27 +77,28 @@ def merge(config: Path = typer.Argument(..., exists=True, dir_okay=False, help="
           allow_pickle: bool = typer.Option(False, help="Also read pickled .bin weights (runs code from the file)."),
           ) -> None:
     """Merge models as a mergekit YAML describes and write a loadable checkpoint with its tokenizer."""
+    from pydantic import ValidationError
     from rich.progress import Progress
 
-    import yaml
-
+    from evomerge.config import format_errors, parse_yaml
     from evomerge.merge.config import MergeConfig
     from evomerge.merge.files import merge_to_disk
 
-    data = yaml.safe_load(config.read_text())
-    if isinstance(data, dict) and "layer_plan" in data:  # a DFS layer plan (maybe over a PS merge)
-        from evomerge.dfs import merge_plan_to_disk
-
-        try:
-            merge_plan_to_disk(config, out, allow_pickle=allow_pickle, device=device, max_shard_size=max_shard_size)
-        except ValueError as err:
-            _fail(str(err))
-        console.print(f"[green]wrote[/green] {out}")
-        return
     try:
-        cfg = MergeConfig.from_yaml(config)
-    except Exception as err:  # pydantic / yaml errors name the bad key
-        _fail(f"{config}: {err}")
+        data = parse_yaml(config.read_text(), str(config))
+        if isinstance(data, dict) and "layer_plan" in data:  # a DFS layer plan (maybe over a PS merge)
+            from evomerge.merge.dfs_export import merge_plan_to_disk
+
+            merge_plan_to_disk(config, out, allow_pickle=allow_pickle, device=device, max_shard_size=max_shard_size)
+            console.print(f"[green]wrote[/green] {out}")
+            return
+        if not isinstance(data, dict):
+            raise ValueError(f"{config}: expected a mapping with merge_method, models, ...")
+        cfg = MergeConfig.model_validate(data)
+    except ValidationError as err:
+        _fail(format_errors(err, str(config), MergeConfig))
+    except ValueError as err:
+        _fail(str(err))
     if seed is not None:
         cfg.evomerge.seed = seed
     with Progress(console=console, transient=True) as progress:
@@ -116,29 +113,30 @@ def merge(config: Path = typer.Argument(..., exists=True, dir_okay=False, help="
 
 @app.command("search")
 def search(experiment: Path = typer.Argument(..., exists=True, dir_okay=False, help="Experiment YAML."),
-           output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Run folder (default runs/<name>)."),
+           output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o",
+                                                     help="Run folder (default runs/<name>)."),
            address: Optional[str] = typer.Option(None, help="Ray cluster to join: auto or HOST:PORT (default: local)."),
            workers: Optional[int] = typer.Option(None, help="Worker actors (default: the experiment's)."),
            gpus_per_worker: Optional[float] = typer.Option(None, help="GPUs per worker; fractions allowed."),
            seed: Optional[int] = typer.Option(None, help="Override the experiment's seed."),
            ) -> None:
     """Run a search: validate everything first, then ask / evaluate / tell, checkpointing each step."""
-    from evomerge.search import start
+    from evomerge.run import start
 
     overrides = _overrides(address=address, workers=workers, gpus_per_worker=gpus_per_worker, seed=seed)
     print(_search_job(lambda: start(experiment, output_dir, console, overrides)))
 
 
-def _overrides(**values) -> dict:
+def _overrides(**values: Any) -> dict[str, Any]:
     """Command-line settings that replace the experiment's: only those given."""
     return {k: v for k, v in values.items() if v is not None}
 
 
-def _search_job(job) -> Path:
+def _search_job(job: Callable[[], Path]) -> Path:
     """Run a search or a resume; errors a user can fix (bad input, an existing run, workers that
     cannot start) end in one message and exit 2; Ctrl-C in 130. Other errors keep their traceback."""
-    from evomerge.distributed import WorkerStartError
-    from evomerge.search import RunExists
+    from evomerge.run import RunExists
+    from evomerge.workers.ray_pool import WorkerStartError
 
     try:
         return job()
@@ -172,7 +170,7 @@ def resume_cmd(run_dir: Path = typer.Argument(..., exists=True, file_okay=False,
                gpus_per_worker: Optional[float] = typer.Option(None, help="GPUs per worker from now on."),
                ) -> None:
     """Continue a stopped or killed search exactly where it stopped."""
-    from evomerge.search import resume
+    from evomerge.run import resume
 
     overrides = _overrides(address=address, workers=workers, gpus_per_worker=gpus_per_worker)
     _search_job(lambda: resume(run_dir, console, overrides))

@@ -7,11 +7,13 @@ validators below add what to change). Model references may be local folders, hub
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
+from typing_extensions import Annotated
 
 
 class Strict(BaseModel):
@@ -100,10 +102,22 @@ class DFSSpace(Strict):
     min_layers: int = Field(1, ge=1)
 
 
+def _space_kind(value: Any) -> str:
+    """Which member of the space union a value is meant as, so an error speaks of that one only."""
+    if isinstance(value, str):
+        return "preset"
+    kind = value.get("kind") if isinstance(value, dict) else getattr(value, "kind", None)
+    return "dfs" if kind == "dfs" else "ps"
+
+
+SpaceRef = Annotated[Union[Annotated[str, Tag("preset")], Annotated[PSSpace, Tag("ps")],
+                           Annotated[DFSSpace, Tag("dfs")]], Discriminator(_space_kind)]
+
+
 class Phase(Strict):
     """One phase of a multi-phase search (PS+DFS: the best PS merge joins the DFS pool as 'ps')."""
 
-    space: Union[str, PSSpace, DFSSpace]
+    space: SpaceRef
     budget: int = Field(..., gt=0)
 
 
@@ -138,13 +152,21 @@ class Objective(Strict):
 
 
 class EstimatorSpec(Strict):
-    kind: Literal["full", "random", "stratified", "irt", "pirt", "gpirt", "mpirt", "gmpirt"] = "full"
+    kind: Literal["full", "random", "irt", "pirt", "gpirt", "mpirt", "gmpirt"] = "full"
     budget: float = Field(1.0, gt=0)  # fraction of items (<= 1) or a count (> 1)
     calibration: Optional[str] = None  # file; default: calibrate at the start of the run
     calibration_models: int = Field(60, ge=0)  # random merges evaluated on every item to calibrate
     drift_every: int = Field(0, ge=0)  # every K generations score the best on all items (0: never)
     drift_threshold: float = Field(0.03, gt=0)
     final_top_k: int = Field(5, ge=0)  # the k best estimates are scored on every item; the best of them wins
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _kind(cls, v: Any) -> Any:
+        if v == "stratified":
+            raise ValueError("'stratified' needs a group label per item, which a search does not have; use "
+                             "'random' or an IRT kind (per-benchmark objectives already stratify by benchmark)")
+        return v
 
 
 class Fitness(Strict):
@@ -164,15 +186,23 @@ class Fitness(Strict):
         return self
 
 
-class SearcherSpec(Strict):
+class SearcherConfig(Strict):
     name: str = "cmaes"  # cmaes | nsga2 | random | pymoo:<Algorithm> | nevergrad:<Optimizer>
     options: dict[str, Any] = Field(default_factory=dict)  # e.g. popsize, sigma
     # The first population holds a genome per model (base and sources) that reproduces it exactly,
     # so a Pareto front starts from the experts' corners (PS spaces whose method can express it).
     start_from_sources: bool = False
 
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from evomerge.searchers.names import searcher_class
+
+        searcher_class(v)  # ValueError lists the choices
+        return v
+
     @model_validator(mode="after")
-    def _population_based(self) -> "SearcherSpec":
+    def _population_based(self) -> "SearcherConfig":
         if self.start_from_sources and not (self.name == "nsga2" or self.name.startswith("pymoo:")):
             raise ValueError(f"searcher.start_from_sources needs a population the sources can join: nsga2 or "
                              f"pymoo:<Algorithm>, not '{self.name}' (CMA-ES starts from one point, x0)")
@@ -193,10 +223,10 @@ class Experiment(Strict):
     seed: int = 0
     models: dict[str, str]  # name -> folder, hub id or zoo:<name>
     base_model: str
-    search_space: Union[str, PSSpace, DFSSpace, None] = None
+    search_space: Optional[SpaceRef] = None
     phases: Optional[list[Phase]] = None  # instead of search_space + budget: e.g. PS then DFS
     fitness: Fitness
-    searcher: SearcherSpec = Field(default_factory=SearcherSpec)
+    searcher: SearcherConfig = Field(default_factory=SearcherConfig)
     budget: Optional[Budget] = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: Optional[str] = None
@@ -227,26 +257,110 @@ class Experiment(Strict):
 
 
 def load_space(space: Union[str, PSSpace, DFSSpace], root: Path) -> Union[PSSpace, DFSSpace]:
+    """A phase's space: given inline, a YAML file (relative to the experiment's folder, or as given),
+    or the name of a preset shipped with evomerge (``search_spaces/``)."""
     if not isinstance(space, str):
         return space
-    candidates = [Path(space), root / space, Path(__file__).resolve().parent.parent / space,
-                  Path(__file__).resolve().parent.parent / "search_spaces" / f"{space}.yaml"]
-    for c in candidates:
+    from evomerge.resources import presets
+
+    shipped = presets()
+    for c in (root / space, Path(space)):
         if c.is_file():
-            data = yaml.safe_load(c.read_text())
-            try:
-                return DFSSpace.model_validate(data) if data.get("kind") == "dfs" else PSSpace.model_validate(data)
-            except ValidationError as err:
-                raise ValueError(f"search space {c}: {err}") from None
-    raise ValueError(f"search space '{space}' not found (looked in {[str(c) for c in candidates]}); "
-                     "give a path to a YAML file or the name of a preset in search_spaces/")
+            return _space_from_yaml(c.read_text(), str(c))
+    if space in shipped:
+        return _space_from_yaml(shipped[space].read_text(), f"preset '{space}'")
+    raise ValueError(f"search space '{space}' not found: no file {root / space} and no preset of that name; "
+                     f"give a path to a YAML file or one of the presets {sorted(shipped)}")
+
+
+def _space_from_yaml(text: str, where: str) -> Union[PSSpace, DFSSpace]:
+    data = parse_yaml(text, where)
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: a search space is a mapping (kind, method, genes, ...)")
+    model: type[BaseModel] = DFSSpace if data.get("kind") == "dfs" else PSSpace
+    try:
+        return model.model_validate(data)  # type: ignore[return-value]
+    except ValidationError as err:
+        raise ValueError(format_errors(err, where, model)) from None
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML text, or a one-line error naming the file, line and column."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{where}: not valid YAML{at}: {problem}") from None
+
+
+def format_errors(err: ValidationError, where: str, model: type[BaseModel], limit: int = 4) -> str:
+    """A pydantic report as a few lines a person reads: the file, the key path, what is wrong, the bad
+    value, and for an unknown key the allowed keys there (the closest first)."""
+    lines = []
+    for e in err.errors()[:limit]:
+        loc = [p for p in e["loc"] if p not in ("preset", "ps", "dfs")]
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            msg = "unknown key" + (f" (did you mean '{close[0]}'?)" if close else "") + \
+                (f"; allowed here: {', '.join(allowed)}" if allowed else "")
+        elif e["type"] == "missing":
+            msg = "missing: this key is required"
+        elif "input" in e and not isinstance(e["input"], (dict, list)) and e["type"] not in ("value_error",):
+            msg += f" (got {e['input']!r})"
+        lines.append(f"{where}: {key}: {msg}")
+    if len(err.errors()) > limit:
+        lines.append(f"{where}: ... and {len(err.errors()) - limit} more")
+    return "\n".join(lines)
+
+
+def _allowed_keys(model: type[BaseModel], loc: list[Any]) -> list[str]:
+    """The keys a mapping at ``loc`` inside ``model`` may have ([] where that is not a model)."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = getattr(current, "model_fields", None)
+        if fields is None or part not in fields:
+            return []
+        current = _model_in(fields[part].annotation)
+        if current is None:
+            return []
+    fields = getattr(current, "model_fields", None)
+    return sorted(fields) if fields else []
+
+
+def _model_in(annotation: Any) -> Any:
+    """The pydantic model inside an annotation such as Optional[list[Objective]] (None if there is none)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def experiment_from_data(data: dict[str, Any], where: str | Path, root: Path | None = None) -> Experiment:
+    """An Experiment from a parsed file ``where``, every space loaded (relative to ``root``, default the
+    file's folder); errors in a few readable lines."""
+    try:
+        exp = Experiment.model_validate(data)
+    except ValidationError as err:
+        raise ValueError(format_errors(err, str(where), Experiment)) from None
+    exp.load_spaces(root or Path(where).parent)  # fail now, not after loading models
+    return exp
 
 
 def read_experiment_yaml(path: Path, keys: str) -> dict:
     """The top-level mapping of an experiment file; ``keys`` names what it should hold, for the error."""
     if not path.is_file():
         raise ValueError(f"experiment file {path} does not exist")
-    data = yaml.safe_load(path.read_text())
+    data = parse_yaml(path.read_text(), str(path))
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping ({keys}, ...)")
     return data
@@ -254,7 +368,4 @@ def read_experiment_yaml(path: Path, keys: str) -> dict:
 
 def load_experiment(path: str | Path) -> Experiment:
     path = Path(path)
-    data = read_experiment_yaml(path, "name, models, base_model, search_space, fitness")
-    exp = Experiment.model_validate(data)
-    exp.load_spaces(path.parent)  # fail now, not after loading models
-    return exp
+    return experiment_from_data(read_experiment_yaml(path, "name, models, base_model, search_space, fitness"), path)

@@ -1,7 +1,8 @@
-"""What a finished run leaves behind: checkpoints, recipes, history, plots, and the report.
+"""What a finished run leaves behind: checkpoints, recipes, history, plots, the report and summary.
 
 Checkpoints are written by replaying the recipe from the files on disk (``evomerge merge``'s own
-code path), so the exported recipe is proven to reproduce the exported weights.
+code path), so the exported recipe is proven to reproduce the exported weights. Everything here
+takes plain values (results, the experiment's settings, test scores), never the job that made them.
 """
 
 from __future__ import annotations
@@ -9,147 +10,132 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Mapping, Optional
 
 import numpy as np
-import yaml
+from rich.console import Console
+from rich.table import Table
 
 from evomerge import report
+from evomerge.config import Experiment
 from evomerge.merge.config import MergeConfig
-from evomerge.pool import Task
-from evomerge.recipe import Recipe
-from evomerge.runstore import RunStore
+from evomerge.merge.dfs_export import merge_plan_to_disk
+from evomerge.merge.files import merge_to_disk
+from evomerge.objectives import Objectives
+from evomerge.recipe import Recipe, single_model, with_paths
+from evomerge.runstore import Evaluation, RunStore
 
-if TYPE_CHECKING:
-    from evomerge.search import Driver, PhaseResult
+
+@dataclass
+class PhaseResult:
+    """What a phase returns: its chosen evaluation(s) (one for a single objective, the chosen Pareto
+    models otherwise), their recipes, the phase's genome, its run store and the estimator's report."""
+
+    index: int
+    kind: str
+    best: list[Evaluation]
+    recipes: list[Recipe] = field(default_factory=list)
+    genome: Any = None
+    store_path: Optional[Path] = None
+    estimator_report: str = ""
 
 
-def export_recipe(driver: "Driver", recipe: Recipe, out: Path) -> Path:
-    """Write the candidate as an HF checkpoint with tokenizer, plus its replayable recipe."""
-    from evomerge.search import _with_paths
-
+def export_recipe(recipe: Recipe, out: Path, paths: Mapping[str, Path], allow_pickle: bool = False,
+                  out_dtype: Optional[str] = None) -> Path:
+    """Write the candidate as an HF checkpoint with tokenizer, plus its replayable recipe beside it."""
     if out.exists():
         shutil.rmtree(out)
     if recipe.plan is not None:
-        from evomerge.dfs import merge_plan_to_disk
-
         (out.parent / f"{out.name}.layer_plan.yml").write_text(recipe.plan.to_yaml())
-        merge_plan_to_disk(out.parent / f"{out.name}.layer_plan.yml", out, allow_pickle=driver.exp.allow_pickle)
+        merge_plan_to_disk(out.parent / f"{out.name}.layer_plan.yml", out, allow_pickle=allow_pickle)
         return out
-    from evomerge.merge.files import merge_to_disk
-
-    data = _with_paths(recipe.merge, driver.paths)
-    if driver.exp.export.dtype:
-        data["out_dtype"] = driver.exp.export.dtype
+    if recipe.merge is None:
+        raise ValueError("a recipe needs a merge config, a layer plan, or both")
+    data = with_paths(recipe.merge, paths)
+    if out_dtype:
+        data["out_dtype"] = out_dtype
     cfg = MergeConfig.model_validate(data)
     (out.parent / f"{out.name}.mergekit.yml").write_text(cfg.to_yaml())
-    merge_to_disk(cfg, out, allow_pickle=driver.exp.allow_pickle)
+    merge_to_disk(cfg, out, allow_pickle=allow_pickle)
     return out
 
 
-def reference_recipes(driver: "Driver") -> dict[str, Recipe]:
+def reference_recipes(base: str, others: list[str]) -> dict[str, Recipe]:
     """Every source model as it is, and the uniform task-arithmetic merge (weight 1/k each)."""
-    base, others = driver.exp.base_model, driver.others
-    single = lambda m: MergeConfig.model_validate({"merge_method": "linear", "models": [
-        {"model": m, "parameters": {"weight": 1.0}}]})
-    refs = {m: Recipe(merge=single(m)) for m in [base] + others}
+    refs = {m: single_model(m) for m in [base, *others]}
     refs["uniform merge"] = Recipe(merge=MergeConfig.model_validate({
         "merge_method": "task_arithmetic", "base_model": base,
         "models": [{"model": m, "parameters": {"weight": 1.0 / len(others)}} for m in others]}))
     return refs
 
 
-def test_evaluation(driver: "Driver", chosen: dict[str, Recipe]) -> dict[str, dict[str, float]]:
-    """Full evaluation on the held-out test benchmarks, which the search never saw."""
-    if not driver.exp.fitness.test:
-        return {}
-    recipes = {**chosen, **reference_recipes(driver)}
-    names = list(recipes)
-    out: dict[str, dict[str, float]] = {}
-    for i, result in driver.pool.run([Task(recipes[n], None, "test", 0) for n in names]):
-        out[names[i]] = result.objectives if result.ok else {"error": result.error}
-    return {n: out[n] for n in names}
-
-
-def finish_run(driver: "Driver", phases: list["PhaseResult"]) -> Path:
-    run_dir = driver.run_dir
+def write_outputs(run_dir: Path, exp: Experiment, phases: list[PhaseResult], objectives: Objectives,
+                  chosen: Mapping[str, Recipe], test: Mapping[str, Mapping[str, Any]],
+                  util: Mapping[str, Mapping[str, float]], console: Console) -> Path:
+    """test_results.json, summary.json, each phase's history and plots, report.md; the test table printed."""
     final = phases[-1]
-    chosen = {}
-    for j, (ev, recipe) in enumerate(zip(final.best, final.recipes)):
-        name = "best" if len(final.best) == 1 else f"pareto-{j + 1}"
-        export_recipe(driver, recipe, run_dir / name)
-        chosen[name] = recipe
-    earlier = {f"phase {ph.index} best ({ph.kind})": ph.recipes[0] for ph in phases[:-1]}
-    driver.console.print("evaluating the chosen model(s) and the references on the held-out test split...")
-    test = test_evaluation(driver, {**chosen, **earlier})
     (run_dir / "test_results.json").write_text(json.dumps(test, indent=1))
-    sections = []
-    for ph in phases:
-        sections.append(_phase_section(driver, ph))
-    util = driver.pool.utilization()
+    sections = [_phase_section(run_dir, ph, objectives, exp.fitness.estimator.kind != "full") for ph in phases]
     summary = {
-        "experiment": driver.exp.name,
+        "experiment": exp.name,
         "chosen": {n: {"fitness": ev.fitness, "objectives": ev.objectives, "genome_hash": ev.genome_hash}
                    for n, ev in zip(chosen, final.best)},
         "test": test,
         "worker_utilization": {w: u["busy_s"] / max(u["wall_s"], 1e-9) for w, u in util.items()},
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
-    _write_report(driver, phases, sections, test, util, chosen)
-    _print_test(driver, test)
+    _write_report(run_dir, exp, sections, test, util, chosen)
+    _print_test(console, exp, test, run_dir)
     return run_dir
 
 
-def _phase_section(driver: "Driver", ph: "PhaseResult") -> str:
-    store = RunStore(ph.store_path)
-    rows = store.history()
+def _phase_section(run_dir: Path, ph: PhaseResult, objectives: Objectives, estimated: bool) -> str:
+    assert ph.store_path is not None
+    with RunStore(ph.store_path, readonly=True) as store:
+        rows = store.history()
     phase_dir = ph.store_path.parent
     report.write_history_csv(rows, phase_dir / "history.csv")
     lines = [f"## Phase {ph.index}: {ph.kind}", "",
              f"{len(rows)} candidates evaluated ({sum(r['status'] != 'ok' for r in rows)} failed), "
              f"{max((r['generation'] for r in rows), default=-1) + 1} generations. History: "
-             f"`{(phase_dir / 'history.csv').relative_to(driver.run_dir)}`.", ""]
+             f"`{(phase_dir / 'history.csv').relative_to(run_dir)}`.", ""]
     fit = report.plot_fitness(rows, phase_dir / "fitness.png", f"phase {ph.index} ({ph.kind})")
-    lines.append(f"![fitness]({fit.relative_to(driver.run_dir)})")
-    if driver.n_obj > 1:
-        par = report.plot_pareto(rows, [f"obj_{n}" for n in driver.names], phase_dir / "pareto.png")
-        lines.append(f"![pareto]({par.relative_to(driver.run_dir)})")
+    lines.append(f"![fitness]({fit.relative_to(run_dir)})")
+    if objectives.n_obj > 1:
+        par = report.plot_pareto(rows, [f"obj_{n}" for n in objectives.names], phase_dir / "pareto.png")
+        lines.append(f"![pareto]({par.relative_to(run_dir)})")
     best = ph.best[0]
-    genome = np.array(best.genome)
     if ph.kind == "ps":
-        heat = report.plot_heatmap(ph.genome.layer_table(genome), phase_dir / "coefficients.png",
+        heat = report.plot_heatmap(ph.genome.layer_table(np.array(best.genome)), phase_dir / "coefficients.png",
                                    "best candidate: searched coefficients")
-        lines.append(f"![coefficients]({heat.relative_to(driver.run_dir)})")
+        lines.append(f"![coefficients]({heat.relative_to(run_dir)})")
     else:
         plan = ph.recipes[0].plan
-        lay = report.plot_layer_plan(plan.layers, plan.scales or [1.0] * len(plan.layers),
+        assert plan is not None, "a DFS phase's recipes are layer plans"
+        lay = report.plot_layer_plan(plan.layers, plan.hop_scales,
                                      phase_dir / "layer_plan.png", "layer plan of the best candidate")
-        lines.append(f"![layer plan]({lay.relative_to(driver.run_dir)})")
-    obj = ", ".join(f"{k} {v:.3f}" for k, v in best.objectives.items())
-    kind = "estimated " if driver.exp.fitness.estimator.kind != "full" else ""
+        lines.append(f"![layer plan]({lay.relative_to(run_dir)})")
+    named = best.objectives if isinstance(best.objectives, dict) else {}
+    obj = ", ".join(f"{k} {v:.3f}" for k, v in named.items())
+    kind = "estimated " if estimated else ""
     lines += ["", f"Best candidate: {kind}fitness {best.fitness:.4f} ({obj}), generation {best.generation}."]
-    confirmed = (store.get_meta("full_scores", {}) or {}).get(best.genome_hash)
-    if confirmed:
-        full = {b: x["accuracy"] for b, x in confirmed.items()}
-        lines[-1] += (f" On every fitness item: fitness {driver.fitness({**best.objectives, **full}):.4f} ("
-                      + ", ".join(f"{b} {v:.3f}" for b, v in full.items()) + ").")
-    extra = driver.estimator_report(store, ph.genome, best)
-    store.close()
-    return "\n".join(lines + ([extra] if extra else []))
+    return "\n".join(lines + (["", ph.estimator_report] if ph.estimator_report else []))
 
 
-def _write_report(driver, phases, sections, test, util, chosen) -> None:
-    names = [n for o in driver.exp.fitness.test for n in o.names]
-    lines = [f"# evomerge run: {driver.exp.name}", "",
-             f"Models: {', '.join(f'{k} ({v})' for k, v in driver.exp.models.items())}; base `{driver.exp.base_model}`. "
-             f"Searcher `{driver.exp.searcher.name}`, seed {driver.exp.seed}, estimator "
-             f"`{driver.exp.fitness.estimator.kind}`.", ""]
+def _write_report(run_dir: Path, exp: Experiment, sections: list[str], test: Mapping[str, Mapping[str, Any]],
+                  util: Mapping[str, Mapping[str, float]], chosen: Mapping[str, Recipe]) -> None:
+    names = [n for o in exp.fitness.test for n in o.names]
+    lines = [f"# evomerge run: {exp.name}", "",
+             f"Models: {', '.join(f'{k} ({v})' for k, v in exp.models.items())}; base `{exp.base_model}`. "
+             f"Searcher `{exp.searcher.name}`, seed {exp.seed}, estimator "
+             f"`{exp.fitness.estimator.kind}`.", ""]
     if test:
         ok = {k: v for k, v in test.items() if "error" not in v}
         lines += ["## Held-out test accuracy", "",
                   "Full evaluation on the test split, which the search never saw.", "",
-                  report.markdown_table(ok, names, mean_of=names), ""]
+                  report.markdown_table({k: dict(v) for k, v in ok.items()}, names, mean_of=names), ""]
     lines += sections
     lines += ["", "## Workers", "", "| worker | busy s | wall s | busy / wall |", "|---|---|---|---|"]
     for w, u in util.items():
@@ -158,15 +144,13 @@ def _write_report(driver, phases, sections, test, util, chosen) -> None:
     for n in chosen:
         lines.append(f"- `{n}/`: Hugging Face checkpoint with tokenizer; recipe beside it "
                      f"(`{n}.mergekit.yml` or `{n}.layer_plan.yml`, replay with `evomerge merge`).")
-    (driver.run_dir / "report.md").write_text("\n".join(lines) + "\n")
+    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
 
 
-def _print_test(driver, test) -> None:
-    from rich.table import Table
-
+def _print_test(console: Console, exp: Experiment, test: Mapping[str, Mapping[str, Any]], run_dir: Path) -> None:
     if not test:
         return
-    names = [n for o in driver.exp.fitness.test for n in o.names]
+    names = [n for o in exp.fitness.test for n in o.names]
     table = Table(title="held-out test accuracy")
     table.add_column("model")
     for n in names:
@@ -178,5 +162,5 @@ def _print_test(driver, test) -> None:
             continue
         vals = [acc.get(n, math.nan) for n in names]
         table.add_row(m, *[f"{v:.3f}" for v in vals], f"{np.mean(vals):.3f}")
-    driver.console.print(table)
-    driver.console.print(f"report: {driver.run_dir / 'report.md'}")
+    console.print(table)
+    console.print(f"report: {run_dir / 'report.md'}")

@@ -17,6 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from evomerge.objectives import pareto_mask  # noqa: E402
+
 
 def write_history_csv(rows: Sequence[dict], path: Path) -> Path:
     """One row per evaluation: generation, genome hash, fitness, each objective, seconds, status."""
@@ -53,19 +55,6 @@ def plot_fitness(rows: Sequence[dict], path: Path, title: str = "fitness by gene
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def pareto_mask(points: np.ndarray) -> np.ndarray:
-    """Non-dominated rows of ``points`` (maximised)."""
-    n = len(points)
-    keep = np.ones(n, dtype=bool)
-    for i in range(n):
-        if not keep[i]:
-            continue
-        dominated = np.all(points >= points[i], axis=1) & np.any(points > points[i], axis=1)
-        if dominated.any():
-            keep[i] = False
-    return keep
 
 
 def plot_pareto(rows: Sequence[dict], names: Sequence[str], path: Path,
@@ -135,7 +124,8 @@ def plot_layer_plan(layers: Sequence[tuple[str, int]], scales: Sequence[float], 
     return path
 
 
-def markdown_table(rows: dict[str, dict[str, float]], columns: Sequence[str], mean_of: Sequence[str] | None = None) -> str:
+def markdown_table(rows: dict[str, dict[str, float]], columns: Sequence[str],
+                   mean_of: Sequence[str] | None = None) -> str:
     cols = list(columns) + (["mean"] if mean_of else [])
     lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, acc in rows.items():

@@ -22,7 +22,7 @@ import numpy as np
 import yaml
 
 from evomerge.runstore import RunStore
-from evomerge.search import start
+from evomerge.run import start
 
 
 def items_spent(run_dir: Path) -> dict[str, int]:

@@ -13,8 +13,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import make_tiny
-from evomerge.dfs import (DFSError, LayerPlan, ScaledLayer, build_dfs_model, cumulative_scales, decode_dfs,
-                          dfs_gene_count, export_dfs, merge_plan_to_disk)
+from evomerge.merge.dfs_export import cumulative_scales, export_dfs, merge_plan_to_disk
+from evomerge.merge.dfs_model import ScaledLayer, build_dfs_model
+from evomerge.recipe import DFSError, LayerPlan
+from evomerge.spaces.dfs import decode_dfs, dfs_gene_count
 from evomerge.evaluate.generation import greedy_generate
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.engine import MergeEngine

@@ -1,4 +1,4 @@
-"""Distributed search on real Ray (CPU, the zoo): searches through ``evomerge.search.start`` on two
+"""Distributed search on real Ray (CPU, the zoo): searches through ``evomerge.run.start`` on two
 worker actors, a worker killed mid-evaluation, a fitness function that raises, a two-node cluster on
 loopback, and the pool's retry limit and steady-state calls.
 
@@ -36,13 +36,13 @@ import ray
 import yaml
 from rich.console import Console
 
-from evomerge.dfs import LayerPlan
-from evomerge.distributed import ClusterTooSmall, RayPool, plan_placement
+from evomerge.workers.placement import ClusterTooSmall, plan_placement
+from evomerge.workers.ray_pool import RayPool
 from evomerge.merge.config import MergeConfig
-from evomerge.pool import Task
-from evomerge.recipe import Recipe
+from evomerge.workers import Task
+from evomerge.recipe import LayerPlan, Recipe
 from evomerge.runstore import RunStore
-from evomerge.search import start
+from evomerge.run import start
 
 SKILLS = ("rev", "sort", "tr")
 RAY_BIN = str(Path(sys.executable).with_name("ray"))

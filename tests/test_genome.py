@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from evomerge.config import DFSSpace, PSSpace, load_space
-from evomerge.genome import DFSGenome, PSGenome, genome_seed
+from evomerge.spaces import DFSGenome, PSGenome, genome_seed
 from evomerge.merge.engine import MergeEngine
 from evomerge.merge.methods import get_method
 from evomerge.merge.plan import merge_inputs, tensor_params
@@ -85,7 +85,7 @@ def test_genome_seed_is_a_function_of_the_genome():
 def test_dfs_start_point_is_the_host_and_depth_is_bounded(zoo_models):
     from transformers import AutoModelForCausalLM
 
-    from evomerge.dfs import build_dfs_model
+    from evomerge.merge.dfs_model import build_dfs_model
 
     space = DFSSpace(repeats=2, max_layers=6)
     g = DFSGenome(space, [("tr", 4), ("rev", 4)])

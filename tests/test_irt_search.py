@@ -13,7 +13,7 @@ import yaml
 
 from evomerge.irt.calibration import Calibration
 from evomerge.runstore import RunStore
-from evomerge.search import start
+from evomerge.run import start
 from test_search import EVOMERGE, experiment, final_state, run_cli
 
 

@@ -260,30 +260,54 @@ def test_a_reader_sees_consistent_snapshots_while_a_writer_runs(tmp_path):
 # ---- end to end: a searcher killed and resumed from the store --------------------------------------
 SEARCH = """
     import sys, time
+    from pathlib import Path
     import numpy as np
-    from evomerge.runstore import Evaluation, RunStore
+    from evomerge.config import EstimatorSpec
+    from evomerge.estimators import EstimatorInputs, PhaseView, make_fitness_estimator
+    from evomerge.loop import open_searcher, search
+    from evomerge.objectives import Objectives
+    from evomerge.recipe import Recipe
+    from evomerge.runstore import RunStore
     from evomerge.searchers import make_searcher
-    from evomerge.searchers.loop import open_searcher, step
+    from evomerge.workers import CandidateResult
 
     db, log, generations = sys.argv[1], sys.argv[2], int(sys.argv[3])
     lower, upper = np.array([-1.0, -2, 0, 0, -1, -3]), np.array([1.0, 2, 1, 3, 2, 3])
     target = np.array([0.5, -1.5, 0.9, 0.2, 1.7, -2.0])
+    genome_of = {}  # recipe id -> genome: the pool below scores the genome itself
 
-    def evaluate(genomes, generation):
-        for g in genomes:
+    class FunctionPool:
+        # The Pool protocol over a plain function: one slot, tasks run in submission order.
+        size = 1
+        def __init__(self):
+            self.queue, self.next = [], 0
+        def submit(self, task):
+            self.queue.append((self.next, task)); self.next += 1
+            return self.next - 1
+        def free_slots(self):
+            return 0 if self.queue else 1
+        def next_done(self):
+            ticket, task = self.queue.pop(0)
+            g = genome_of[id(task.recipe)]
             with open(log, "a") as f:  # one line per evaluation actually computed
                 f.write("x\\n")
             time.sleep(0.002)  # a little work, so that kills land during evaluations too
-            y = -float(np.sum((g - target) ** 2))
-            status = "failed" if g[0] > 0.9 else "ok"  # a failing corner: failures must resume too
-            yield Evaluation(g, [y] if status == "ok" else None, status=status, generation=generation,
-                             error=None if status == "ok" else "out of memory", recipe=f"genome {g.tolist()}")
+            if g[0] > 0.9:  # a failing corner: failures must resume too
+                return ticket, CandidateResult(error="out of memory")
+            return ticket, CandidateResult(objectives={"y": -float(np.sum((g - target) ** 2))})
 
+    def decode(g):
+        recipe = Recipe()
+        genome_of[id(recipe)] = g
+        return recipe, 0
+
+    objectives = Objectives(("y",), (1.0,))
     store = RunStore(db)
+    inputs = EstimatorInputs(EstimatorSpec(), 0, {}, objectives, None, Path(db).parent, Path(db).parent, None)
+    estimator = make_fitness_estimator(inputs)
     searcher, index = open_searcher(store, lambda: make_searcher("cmaes", lower, upper, seed=11, popsize=8))
-    while index < generations:
-        step(searcher, store, index, evaluate)
-        index += 1
+    search(searcher, store, FunctionPool(), decode, estimator, PhaseView(0, store, None), objectives,
+           budget=8 * generations, generation=index)
     best = searcher.best()
     print(repr(best[0].tolist()), repr(best[1].tolist()), searcher.n_told)
 """
@@ -318,8 +342,7 @@ def test_killed_and_resumed_search_ends_exactly_like_an_uninterrupted_one(tmp_pa
     with RunStore(tmp_path / "ref.db", readonly=True) as a, RunStore(db, readonly=True) as b:
         ea, eb = a.evaluations(), b.evaluations()
         assert [e.hash for e in ea] == [e.hash for e in eb]  # same evaluations, recorded in the same order
-        assert [(e.status, e.objectives.tolist() if e.objectives is not None else None) for e in ea] == \
-               [(e.status, e.objectives.tolist() if e.objectives is not None else None) for e in eb]
+        assert [(e.status, e.objectives) for e in ea] == [(e.status, e.objectives) for e in eb]
         assert all(e.attempts == 1 for e in eb)  # none recorded twice
         assert b.count("failed") > 0
         assert [g.asked for g in a.generations()] == [g.asked for g in b.generations()]

@@ -27,6 +27,7 @@ import torch
 
 from evomerge.evaluate.base import EvalContext, ItemResponses
 from evomerge.evaluate.generation import greedy_generate, keep_last_logits
+from evomerge.refs import resolve_items_ref, split_items_ref  # noqa: F401 - re-exported for evaluators
 
 Scorer = Literal["exact_match", "regex", "multiple_choice"]
 SCORERS: tuple[str, ...] = ("exact_match", "regex", "multiple_choice")
@@ -44,53 +45,6 @@ class Item:
 
 
 # ----------------------------------------------------------------------------------------- items
-
-
-ITEM_SCHEMES = {"zoo:": "rev/fitness", "hetero:": "dup/train"}  # scheme -> an example <skill>/<split>
-
-
-def split_items_ref(ref: str) -> tuple[str, str, str] | None:
-    """``(scheme, skill, split)`` of a ``zoo:`` / ``hetero:`` item reference, None for a path;
-    a malformed reference raises with the form it must take."""
-    for scheme, example in ITEM_SCHEMES.items():
-        if ref.startswith(scheme):
-            skill, _, split = ref[len(scheme):].partition("/")
-            if not skill or not split or "/" in split:
-                raise ValueError(f"'{ref}' must look like '{scheme}<skill>/<split>', e.g. '{scheme}{example}'")
-            return scheme, skill, split
-    return None
-
-
-def resolve_items_ref(ref: str | Path) -> Path:
-    """A JSONL path, ``zoo:<skill>/<split>`` resolved in the zoo's cache (built on first use), or
-    ``hetero:<skill>/<split>`` for the heterogeneous expert's skill (see evomerge.zoo.hetero)."""
-    text = str(ref)
-    parts = split_items_ref(text)
-    if parts is not None:
-        scheme, skill, split = parts
-        from evomerge.zoo import ensure_zoo
-
-        zoo = ensure_zoo()
-        if scheme == "hetero:":
-            from evomerge.zoo.hetero import HETERO_SKILLS, HeteroSpec, ensure_hetero_expert, hetero_items_path
-
-            if skill not in HETERO_SKILLS:
-                raise ValueError(f"reference '{text}': no heterogeneous skill '{skill}'; "
-                                 f"choose one of {sorted(HETERO_SKILLS)}")
-            path = hetero_items_path(ensure_hetero_expert(zoo, spec=HeteroSpec(skill=skill)), skill, split)
-            if not path.exists():
-                have = sorted(p.stem for p in path.parent.glob("*.jsonl"))
-                raise ValueError(f"reference '{text}': no split '{split}'; choose one of {have}")
-            return path
-        path = zoo.items_path(skill, split)
-        if not path.exists():
-            have = sorted(f"zoo:{p.parent.name}/{p.stem}" for p in (zoo.root / "items").glob("*/*.jsonl"))
-            raise ValueError(f"zoo reference '{text}': the zoo has no such item file; choose one of {have}")
-        return path
-    path = Path(text).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"item file '{text}' does not exist; give a JSONL path or 'zoo:<skill>/<split>'")
-    return path
 
 
 def read_items_file(path: str | Path) -> list[dict]:

@@ -13,7 +13,7 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..config import read_experiment_yaml
-from ..evaluate.builtin import split_items_ref
+from ..refs import check_items_ref, check_model_ref
 
 
 class Strict(BaseModel):
@@ -65,37 +65,6 @@ class TrainSpec(Strict):
         return v
 
 
-def check_model_ref(field: str, ref: str, root: Path) -> None:
-    """Raise, naming the field, when a model reference cannot resolve (without building anything)."""
-    if ref.startswith("zoo:"):
-        from evomerge.zoo import ZooSpec
-
-        have = ["base", *ZooSpec().experts]
-        if ref[4:] not in have:
-            raise ValueError(f"{field}: the zoo has no model '{ref[4:]}'; choose one of {['zoo:' + h for h in have]}")
-    elif ref.startswith("hetero:"):
-        from evomerge.zoo.hetero import HETERO_SKILLS
-
-        if ref[7:] not in HETERO_SKILLS:
-            raise ValueError(f"{field}: no heterogeneous expert '{ref[7:]}'; choose one of "
-                             f"{['hetero:' + h for h in HETERO_SKILLS]}")
-    elif not (root / ref).expanduser().is_dir():
-        raise ValueError(f"{field}: '{ref}' is not a model folder (looked for {(root / ref).expanduser()}); "
-                         "give a folder, 'zoo:<name>' or 'hetero:<skill>'")
-
-
-def check_data_ref(field: str, ref: str, root: Path) -> None:
-    """Raise, naming the field, when an item reference is malformed or a file is missing."""
-    try:
-        if split_items_ref(ref) is not None:
-            return
-    except ValueError as err:
-        raise ValueError(f"{field}: {err}") from None
-    if not (root / ref).expanduser().is_file() and not Path(ref).expanduser().is_file():
-        raise ValueError(f"{field}: item file '{ref}' does not exist (looked beside the experiment file and in "
-                         "the working directory); give a JSONL path, 'zoo:<skill>/<split>' or 'hetero:<skill>/<split>'")
-
-
 class FuseExperiment(Strict):
     name: str
     seed: int = 0
@@ -125,10 +94,10 @@ class FuseExperiment(Strict):
     def check_refs(self, root: Path) -> None:
         """Every model reference resolves (checked before anything is loaded); ``root``: the file's folder."""
         for name, ref in self.sources.items():
-            check_model_ref(f"sources.{name}", ref, root)
+            check_model_ref(f"sources.{name}", ref, root, allow_hub=False)
         if self.target not in self.sources:
             try:
-                check_model_ref("target", self.target, root)
+                check_model_ref("target", self.target, root, allow_hub=False)
             except ValueError:
                 raise ValueError(f"target '{self.target}' is neither a source ({', '.join(sorted(self.sources))}) "
                                  "nor a model folder, 'zoo:<name>' or 'hetero:<skill>'; name one of the sources "
@@ -136,7 +105,7 @@ class FuseExperiment(Strict):
 
         for where, ref in [*((f"data[{i}].path", d.path) for i, d in enumerate(self.data)),
                            *((f"eval[{i}]", r) for i, r in enumerate(self.eval))]:
-            check_data_ref(where, ref, root)
+            check_items_ref(where, ref, root)
 
     @property
     def target_ref(self) -> str:

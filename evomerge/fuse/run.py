@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evomerge.evaluate.generation import accuracy
 from evomerge.fuse.config import FuseExperiment, load_fuse_experiment
-from evomerge.evaluate.builtin import resolve_items_ref
+from evomerge.refs import resolve_items_ref, resolve_model_ref
 from evomerge.fuse.data import encode_pair, load_pairs, pad_batch, pad_id
 from evomerge.fuse.distributions import SourceDistributions, source_distributions
 from evomerge.fuse.train import FuseData, StepLog, latest_checkpoint, train_fused
@@ -34,27 +34,6 @@ from evomerge.fuse.train import FuseData, StepLog, latest_checkpoint, train_fuse
 
 class FuseRunConflict(ValueError):
     """The output folder holds a run of a different experiment."""
-
-
-def resolve_model_ref(ref: str, root: Path) -> Path:
-    """``zoo:<name>`` / ``hetero:<skill>`` (built on first use) or a folder (relative to ``root``)."""
-    if ref.startswith("zoo:"):
-        from evomerge.zoo import ensure_zoo
-
-        zoo = ensure_zoo()
-        return zoo.base if ref == "zoo:base" else zoo.experts[ref[4:]]
-    if ref.startswith("hetero:"):
-        from evomerge.zoo import ensure_zoo
-        from evomerge.zoo.hetero import HeteroSpec, ensure_hetero_expert
-
-        return ensure_hetero_expert(ensure_zoo(), spec=HeteroSpec(skill=ref[7:]))
-    return (root / ref).expanduser().resolve()
-
-
-def _data_path(ref: str, root: Path) -> Path:
-    if not ref.startswith(("zoo:", "hetero:")) and (root / ref).is_file():
-        return root / ref
-    return resolve_items_ref(ref)
 
 
 def _progress(console: Console) -> Progress:
@@ -103,7 +82,7 @@ def run_fuse(exp_path: str | Path, console: Console | None = None, output_dir: s
     paths = {name: resolve_model_ref(ref, root) for name, ref in exp.sources.items()}
     target_path = paths.get(exp.target) or resolve_model_ref(exp.target, root)
     target_tok = AutoTokenizer.from_pretrained(target_path)
-    data_paths = [_data_path(d.path, root) for d in exp.data]
+    data_paths = [resolve_items_ref(d.path, root) for d in exp.data]
     pairs = [pr for d, p in zip(exp.data, data_paths)
              for pr in load_pairs(p, d.limit, exp.seed, d.prompt_key, d.answer_key)]
     enc = [encode_pair(target_tok, *pr) for pr in pairs]
@@ -180,7 +159,7 @@ def _tail_mean(history: list[dict], n: int = 50) -> dict[str, float]:
 def _eval_items(ref: str, root: Path) -> list[dict]:
     from evomerge.evaluate.builtin import read_items_file
 
-    return read_items_file(_data_path(ref, root))
+    return read_items_file(resolve_items_ref(ref, root))
 
 
 def _copy_hetero_items(refs: list[str], run_dir: Path) -> None:

@@ -29,11 +29,12 @@ import json
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
 from evomerge.searchers import state as st
+from evomerge.searchers.names import searcher_class
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,20 @@ class Searcher(ABC):
     takes_starts: ClassVar[bool] = False
 
     spec: SearcherSpec
+    _pending: list[np.ndarray]
+    _pending_keys: list[int]  # a stable id per pending genome, so positions can shift
+    _next_key: int
+    _reissue: list[int]  # keys of pending genomes to hand out again after a resume
+    _front: list[tuple[np.ndarray, np.ndarray]]
+    _worst: np.ndarray
+    _n_told: int
+
+    @classmethod
+    def several_objectives(cls, name: str, options: Mapping[str, Any]) -> bool:
+        """Whether searcher ``name`` with ``options`` is told every objective (a Pareto search) rather
+        than the scalar fitness: ``multi_objective: true`` in the options of a searcher that can do
+        either (random, nevergrad); pymoo decides by its algorithm."""
+        return cls.multi_objective and bool(options.get("multi_objective", False))
 
     def __init__(self, spec: SearcherSpec) -> None:
         if spec.n_obj > 1 and not self.multi_objective:
@@ -300,8 +315,6 @@ class Searcher(ABC):
     @classmethod
     def from_state(cls, blob: bytes) -> "Searcher":
         """Rebuild a searcher from `state_dict()` bytes; called on `Searcher` it picks the right class."""
-        from evomerge.searchers.registry import searcher_class
-
         header, payload = st.unpack(blob)
         spec = SearcherSpec.from_json(header["spec"])
         klass = searcher_class(spec.name)
@@ -351,11 +364,11 @@ class Searcher(ABC):
     # ---- bookkeeping -----------------------------------------------------------------------------
     def _init_common(self, spec: SearcherSpec) -> None:
         self.spec = spec
-        self._pending: list[np.ndarray] = []
-        self._pending_keys: list[int] = []  # a stable id per pending genome, so positions can shift
+        self._pending = []
+        self._pending_keys = []
         self._next_key = 0
-        self._reissue: list[int] = []  # keys of pending genomes to hand out again after a resume
-        self._front: list[tuple[np.ndarray, np.ndarray]] = []
+        self._reissue = []
+        self._front = []
         self._worst = np.full(spec.n_obj, np.nan)
         self._n_told = 0
 

@@ -17,7 +17,7 @@ import difflib
 import importlib
 import inspect
 import pkgutil
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 from pymoo.core.algorithm import Algorithm
@@ -76,6 +76,11 @@ def resolve_algorithm(name: str) -> type:
     return classes[name]
 
 
+def algorithm_name(searcher: str) -> str:
+    """The pymoo class a searcher name stands for: ``nsga2`` or ``pymoo:<ClassName>``."""
+    return "NSGA2" if searcher == "nsga2" else searcher.split(":", 1)[1]
+
+
 def accepted_options(cls: type) -> dict[str, str]:
     """Constructor arguments along the class hierarchy (pymoo swallows unknown ones silently)."""
     names: dict[str, str] = {}
@@ -125,7 +130,12 @@ class PymooSearcher(Searcher):
 
     @property
     def algorithm_name(self) -> str:
-        return "NSGA2" if self.spec.name == "nsga2" else self.spec.name.split(":", 1)[1]
+        return algorithm_name(self.spec.name)
+
+    @classmethod
+    def several_objectives(cls, name: str, options: Mapping[str, Any]) -> bool:
+        """A pymoo.algorithms.moo algorithm (NSGA-II, NSGA-III, SMS-EMOA...) searches a Pareto front."""
+        return resolve_algorithm(algorithm_name(name)).__module__.startswith("pymoo.algorithms.moo")
 
     def _start(self) -> None:
         cls = resolve_algorithm(self.algorithm_name)
@@ -198,7 +208,7 @@ class PymooSearcher(Searcher):
 
 def _requires(cls: type, arg: str) -> bool:
     """Whether the constructor has ``arg`` without a default (NSGA3 and kin need ref_dirs)."""
-    p = inspect.signature(cls.__init__).parameters.get(arg)
+    p = inspect.signature(cls).parameters.get(arg)
     return p is not None and p.default is inspect.Parameter.empty
 
 

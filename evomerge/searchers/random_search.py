@@ -33,7 +33,7 @@ class RandomSearcher(Searcher):
     def _ask(self, n: int | None) -> list[np.ndarray]:
         assert n is not None
         out: list[np.ndarray] = []
-        if self._x0_due:
+        if self._x0_due and self.spec.x0 is not None:
             out.append(self.spec.x0.copy())
             self._x0_due = False
         if n > len(out):

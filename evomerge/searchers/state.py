@@ -84,7 +84,7 @@ class GlobalRNG:
     """
 
     def __init__(self, seed: int) -> None:
-        self.state: tuple = np.random.RandomState(seed).get_state()
+        self.state: Any = np.random.RandomState(seed).get_state()  # numpy's legacy state tuple
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:

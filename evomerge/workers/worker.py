@@ -1,7 +1,7 @@
 """A merge worker: owns one device, keeps the sources resident, turns recipes into item responses.
 
 It receives recipes (small), never weights. The same class runs in-process (one worker, the
-default on a laptop) and inside a Ray actor (``evomerge.distributed``); it never writes to the run
+default on a laptop) and inside a Ray actor (``evomerge.workers.ray_pool``); it never writes to the run
 store: it returns results and the driver records them.
 """
 
@@ -14,15 +14,16 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evomerge.evaluate.base import EvalContext, ItemResponses
 from evomerge.evaluate.registry import make_evaluator, run_fitness
-from evomerge.merge.engine import MergeEngine, as_dtype
 from evomerge.merge.config import MergeConfig
+from evomerge.merge.dfs_model import build_dfs_model
+from evomerge.merge.engine import MergeEngine, as_dtype
 from evomerge.recipe import Recipe
 
 
@@ -81,8 +82,6 @@ class Worker:
 
     def _model(self, recipe: Recipe) -> torch.nn.Module:
         if recipe.plan is not None:
-            from evomerge.dfs import build_dfs_model
-
             for member in recipe.plan.members():
                 if member not in self._pool:
                     self.set_pool_member(member)
@@ -94,8 +93,9 @@ class Worker:
     # -- scoring ----------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, recipe: Recipe, item_ids: Mapping[str, Optional[list[str]]] | None = None,
-                 which: str = "fitness", seed: int = 0) -> CandidateResult:
-        """Merge and score on benchmark set ``which``; ``item_ids[name]`` selects items (None: all).
+                 which: str = "fitness", seed: int = 0, benchmarks: Optional[Sequence[str]] = None) -> CandidateResult:
+        """Merge and score on benchmark set ``which``; ``item_ids[name]`` selects items (None: all);
+        ``benchmarks`` restricts which benchmarks run (None: all of the set).
 
         A failure anywhere (merge, evaluation, a custom function) becomes a failed result carrying
         the error, so the search records it and goes on.
@@ -107,6 +107,8 @@ class Worker:
             result.merge_seconds = time.perf_counter() - t0
             t1 = time.perf_counter()
             for name, evaluator in self.evaluators[which].items():
+                if benchmarks is not None and name not in benchmarks:
+                    continue
                 ids = (item_ids or {}).get(name)
                 ctx = EvalContext(device=self.device, item_ids=ids, seed=seed)
                 fit = run_fitness(evaluator, model, self.tokenizer, ctx)

@@ -1,33 +1,25 @@
-"""Genomes: flat float vectors with known bounds, and the spaces that know what each gene means.
+"""The parameter space (PS): per-layer merge coefficients for each source -> a mergekit config.
 
 A searcher sees only ``lower``, ``upper`` and ``x0``; ``decode`` turns a genome into a Recipe. The
-parameter space (PS) decodes into a mergekit-style config whose per-layer values are mergekit
+parameter space decodes into a mergekit-style config whose per-layer values are mergekit
 gradients (a list of L values for L layers evaluates exactly to value i at layer i) and whose tensor
 groups are mergekit filters, so the recipe of a PS result is itself a mergekit YAML. The data-flow
-space (DFS) decodes into a layer plan (see ``evomerge.dfs``).
+space (DFS) is in ``evomerge.spaces.dfs``.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from evomerge.config import DFSSpace, PSSpace
+from evomerge.config import PSSpace
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.params import layer_index
 from evomerge.recipe import Recipe
 
 FILTER_TOKENS = {"attn": "attn", "mlp": "mlp"}  # substrings of Llama / Mistral / Qwen / Gemma / GPT-2 / Phi names
-
-
-def genome_seed(x: np.ndarray, run_seed: int) -> int:
-    """The candidate seed of randomized merges (DARE): a function of the genome and the run seed
-    only, so a genome always decodes to the same weights, in any run that shares the seed."""
-    blob = np.ascontiguousarray(np.asarray(x, dtype=np.float64)).tobytes() + str(run_seed).encode()
-    return int.from_bytes(hashlib.sha256(blob).digest()[:4], "little")
 
 
 @dataclass
@@ -57,7 +49,11 @@ class PSGenome:
     x0: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
-        self.blocks, names, lo, hi, x0 = [], [], [], [], []
+        self.blocks = []
+        names: list[str] = []
+        lo: list[float] = []
+        hi: list[float] = []
+        x0: list[float] = []
         per_group = self._genes_per_group()
         from evomerge.merge.methods import get_method
 
@@ -126,7 +122,7 @@ class PSGenome:
                         entries.append({"value": value})
                 if entries:
                     params[param] = entries[0]["value"] if len(entries) == 1 and "filter" not in entries[0] else entries
-        models = [{"model": m, "parameters": settings[m]} for m in self.sources]
+        models: list[dict[str, Any]] = [{"model": m, "parameters": settings[m]} for m in self.sources]
         if self.space.method == "slerp":  # mergekit's slerp lists the base among the models
             models = [{"model": self.base}] + models
         cfg = MergeConfig.model_validate({
@@ -191,52 +187,3 @@ def uniform_genome(space: PSGenome, value: float) -> np.ndarray:
         if b.param == "weight":
             x[b.start : b.start + b.size] = value
     return x
-
-
-@dataclass
-class DFSGenome:
-    """EvoMerge's data-flow space over a pool of same-architecture models.
-
-    ``pool`` lists (member, number of layers) in layout order; the first member is the host
-    (embeddings, final norm, head). The start point x0 is the host itself: its own layers in the
-    first repeat switched on (0.75), everything else off (0.25), every scale at its init.
-    """
-
-    space: DFSSpace
-    pool: list[tuple[str, int]]
-    members: dict[str, Any] = field(default_factory=dict)  # member -> folder or merge-config dict (export)
-    names: list[str] = field(init=False)
-    lower: np.ndarray = field(init=False)
-    upper: np.ndarray = field(init=False)
-    x0: np.ndarray = field(init=False)
-
-    def __post_init__(self) -> None:
-        from evomerge.dfs import dfs_gene_count
-
-        total = sum(n for _, n in self.pool)
-        self.n_inc, self.n_scale = dfs_gene_count(total, self.space.repeats, self.space.scale_mode)
-        self.names = [f"include.{i}" for i in range(self.n_inc)] + [f"scale.{i}" for i in range(self.n_scale)]
-        s = self.space.scale
-        self.lower = np.array([0.0] * self.n_inc + [s.low] * self.n_scale)
-        self.upper = np.array([1.0] * self.n_inc + [s.high] * self.n_scale)
-        host_layers = self.pool[0][1]
-        inc = np.full(self.n_inc, 0.25)
-        inc[:host_layers] = 0.75
-        self.x0 = np.concatenate([inc, np.full(self.n_scale, s.start)])
-
-    @property
-    def dim(self) -> int:
-        return len(self.names)
-
-    @property
-    def max_layers(self) -> int:
-        return self.space.max_layers or 2 * self.pool[0][1]
-
-    def decode(self, x: np.ndarray, seed: int = 0) -> Recipe:
-        from evomerge.dfs import decode_dfs
-
-        x = np.clip(np.asarray(x, dtype=np.float64), self.lower, self.upper)
-        plan = decode_dfs(x[: self.n_inc], x[self.n_inc :], self.pool, self.space.repeats, self.space.scale_mode,
-                          self.max_layers, self.space.min_layers)
-        plan.models = {m: self.members[m] for m in plan.members() if m in self.members}
-        return Recipe(plan=plan)

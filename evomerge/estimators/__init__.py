@@ -1,0 +1,28 @@
+"""Fitness estimators behind one interface (``base.FitnessEstimator``): ``full`` (every item),
+``random`` (a fixed random subset) and the IRT family ``irt``, ``pirt``, ``gpirt``, ``mpirt``,
+``gmpirt`` (anchors chosen by a calibration on the user's own benchmark)."""
+
+from __future__ import annotations
+
+from evomerge.estimators.base import EstimatorInputs, FitnessEstimator, PhaseView, ScoreAll, Selection
+
+__all__ = ["EstimatorInputs", "FitnessEstimator", "PhaseView", "ScoreAll", "Selection", "make_fitness_estimator"]
+
+
+def make_fitness_estimator(inputs: EstimatorInputs) -> FitnessEstimator:
+    """The estimator ``inputs.spec.kind`` names (an IRT one calibrates now, or loads the run's own
+    calibration on resume, or the one the spec points to)."""
+    kind = inputs.spec.kind
+    if kind == "full":
+        from evomerge.estimators.basic import FullFitness
+
+        return FullFitness(inputs)
+    if kind == "random":
+        from evomerge.estimators.reduced import SubsampledFitness
+
+        return SubsampledFitness(inputs)
+    from evomerge.estimators.irt import IRT_KINDS, IRTFitness
+
+    if kind not in IRT_KINDS:
+        raise ValueError(f"estimator kind '{kind}' is not one of full, random, {', '.join(IRT_KINDS)}")
+    return IRTFitness(inputs)

@@ -1,0 +1,103 @@
+"""The fitness-estimator interface: from a candidate's item responses to its objectives.
+
+An estimator decides which items each candidate is scored on (``select``), what the responses say
+about the whole benchmark (``estimate``), what to do after each generation (``after_generation``:
+e.g. a drift check against a full evaluation), which candidate a phase returns (``final_choice``:
+e.g. confirming the top estimates on every item) and its part of the report (``report``).
+
+It is built from plain values (``EstimatorInputs``) and callables that score recipes on every item;
+it never sees the driver, the pool or the experiment. What it keeps across a resume lives in the
+run folder it is given (``run_dir``) or in the phase's run store.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Sequence
+
+import numpy as np
+
+from evomerge.config import EstimatorSpec
+from evomerge.evaluate.base import ItemResponses
+from evomerge.objectives import Objectives
+from evomerge.recipe import Recipe
+from evomerge.runstore import Evaluation, RunStore
+
+#: Recipes by name -> {name: {benchmark: one score per item, in the benchmark's item order}}, every
+#: fitness item of every item benchmark. Raises when a recipe cannot be scored.
+ScoreAll = Callable[[Mapping[str, Recipe]], dict[str, dict[str, np.ndarray]]]
+#: Items to score per benchmark (None: every item, or a custom function's own choice).
+Selection = dict[str, Optional[list[str]]]
+
+
+@dataclass(frozen=True)
+class EstimatorInputs:
+    """Everything an estimator is built from.
+
+    ``item_ids``: every fitness item of each item benchmark (custom functions, which choose their own
+    items, are absent); ``calibration_recipes(n)``: the calibration population (the sources and ``n``
+    random genomes of the first phase), made only when a calibration is needed; ``say``: one line of
+    progress for the person watching."""
+
+    spec: EstimatorSpec
+    seed: int
+    item_ids: Mapping[str, list[str]]
+    objectives: Objectives
+    score_all: ScoreAll
+    run_dir: Path
+    exp_dir: Path
+    calibration_recipes: Callable[[int], dict[str, Recipe]]
+    say: Callable[[str], None] = print
+
+
+@dataclass(frozen=True)
+class PhaseView:
+    """What an estimator sees of the phase being searched: its index, its run store (to keep what must
+    survive a resume), and how a stored evaluation turns back into its recipe."""
+
+    index: int
+    store: RunStore
+    recipe_of: Callable[[Evaluation], Recipe]
+
+    def scored(self) -> list[Evaluation]:
+        """The successful evaluations (those with a fitness), in the order recorded."""
+        return [e for e in self.store.evaluations("ok") if e.fitness is not None]
+
+
+class FitnessEstimator(ABC):
+    """See the module docstring. Subclasses: ``full``, ``random``, and the IRT family."""
+
+    kind: str = "full"
+
+    def __init__(self, inputs: EstimatorInputs) -> None:
+        self.inputs = inputs
+
+    def begin_phase(self, phase: PhaseView, generation: int) -> None:
+        """Entering (or re-entering, on resume) ``phase`` at ``generation``."""
+
+    @abstractmethod
+    def select(self, answered: Sequence[ItemResponses] = ()) -> Selection | None:
+        """The items to score next for a candidate that has ``answered`` these so far (nothing yet: the
+        first round); None once it has enough. Every estimator here needs one round."""
+
+    def estimate(self, responses: Sequence[ItemResponses], raw: Mapping[str, float]) -> dict[str, float]:
+        """Objectives from the responses; ``raw``: the worker's plain means (and custom functions'
+        own values), kept for benchmarks the estimator does not estimate."""
+        return dict(raw)
+
+    def after_generation(self, phase: PhaseView, generation: int) -> None:
+        """After ``generation`` is evaluated, before its tell is committed (so it must be idempotent:
+        a run killed inside it redoes it on resume)."""
+
+    def final_choice(self, phase: PhaseView) -> list[Evaluation]:
+        """What the phase returns: the best candidate, or a spread of the Pareto front."""
+        ok = phase.scored()
+        if not ok:
+            raise RuntimeError(f"no candidate of {phase.store.path} was evaluated successfully; see the errors there")
+        return self.inputs.objectives.choose(ok)
+
+    def report(self, phase: PhaseView, chosen: Evaluation) -> str:
+        """The estimator's part of the phase's report (markdown; empty when there is nothing to say)."""
+        return ""

@@ -1,0 +1,61 @@
+"""The calibrations a run has made, on disk, so a resumed run uses exactly the one it had.
+
+``RUN/calibration/initial/`` holds the calibration made before the search; a drift check at
+(phase, generation) that recalibrates writes ``RUN/calibration/t<tag>/`` with ``tag = phase *
+1_000_000 + generation``. Each folder holds ``<benchmark>.npz`` (the fitted model and anchors) and
+``<benchmark>.population.npz`` (the responses it was fitted on), and a ``complete`` marker written
+last: a folder without it (a run killed while writing) is never used, and is rewritten.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional
+
+from evomerge.irt.calibrate import Population
+from evomerge.irt.calibration import Calibration
+
+INITIAL = -1  # tag of the calibration made before the search
+
+
+def tag_of(phase: int, generation: int) -> int:
+    """Calibrations are ordered by the (phase, generation) whose drift check made them."""
+    return phase * 1_000_000 + generation
+
+
+@dataclass(frozen=True)
+class CalibrationLog:
+    run_dir: Path
+
+    def folder(self, tag: int) -> Path:
+        return self.run_dir / "calibration" / (f"t{tag:09d}" if tag >= 0 else "initial")
+
+    def latest(self, before: Optional[int] = None) -> Optional[int]:
+        """The newest complete calibration made before ``before`` (a tag): what a generation uses."""
+        root = self.run_dir / "calibration"
+        tags = [INITIAL] if (root / "initial" / "complete").exists() else []
+        tags += [int(p.name[1:]) for p in root.glob("t*") if (p / "complete").exists()]
+        tags = [t for t in tags if before is None or t < before]
+        return max(tags) if tags else None
+
+    def load(self, tag: int) -> tuple[dict[str, Calibration], dict[str, Population]]:
+        d = self.folder(tag)
+        cals = {p.name[: -len(".npz")]: Calibration.load(p) for p in sorted(d.glob("*.npz"))
+                if ".population" not in p.name}
+        pops = {p.name[: -len(".population.npz")]: Population.load(p) for p in sorted(d.glob("*.population.npz"))}
+        return cals, pops
+
+    def save(self, tag: int, cals: Mapping[str, Calibration], pops: Mapping[str, Population]) -> None:
+        """Write a complete calibration for ``tag`` (the marker last, after every file)."""
+        save_calibrations(self.folder(tag), cals, pops)
+
+
+def save_calibrations(folder: Path, cals: Mapping[str, Calibration], pops: Mapping[str, Population]) -> None:
+    """``<benchmark>.npz`` and ``<benchmark>.population.npz`` for each benchmark, then ``complete``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "complete").unlink(missing_ok=True)
+    for bench, cal in cals.items():
+        cal.save(folder / f"{bench}.npz")
+        pops[bench].save(folder / f"{bench}.population.npz")
+    (folder / "complete").write_text("")

@@ -1,0 +1,304 @@
+"""A search job from start to end: validate, freeze the experiment, run the phases, write the outputs.
+
+``start`` (``evomerge search``) checks everything that can be checked before a model loads, freezes
+the experiment into the run folder and runs it; ``resume`` runs a frozen experiment again in its
+folder, which continues exactly where it stopped (see ``evomerge.loop``). A ``Job`` owns the pieces
+of one run (resolved model folders, objectives, the pool of workers, the estimator) and hands each
+step plain values: the loop gets a searcher, a run store, a pool and a decode function; the
+estimator gets item ids and a callable that scores recipes on every item; the outputs get results.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from evomerge import outputs
+from evomerge.config import DFSSpace, Experiment, PSSpace, experiment_from_data, read_experiment_yaml
+from evomerge.estimators import EstimatorInputs, FitnessEstimator, PhaseView, make_fitness_estimator
+from evomerge.loop import open_searcher, search
+from evomerge.objectives import Objectives
+from evomerge.outputs import PhaseResult
+from evomerge.recipe import Recipe, single_model, with_paths
+from evomerge.refs import resolve_model_ref
+from evomerge.runstore import Evaluation, RunStore
+from evomerge.searchers import Searcher, make_searcher, searcher_class
+from evomerge.spaces import Genome, PSGenome, build_space, genome_seed
+from evomerge.workers import Pool, Task, open_pool, run_tasks
+
+RESUMABLE_OVERRIDES = frozenset({"address", "workers", "gpus_per_worker"})
+
+
+class RunExists(ValueError):
+    """The output folder already holds a run."""
+
+
+def objectives_of(exp: Experiment) -> Objectives:
+    """The experiment's objectives; a Pareto searcher is told each of them, others the weighted fitness."""
+    names = [n for o in exp.fitness.objectives for n in o.names]
+    weights = [o.weight for o in exp.fitness.objectives for _ in o.names]
+    several = searcher_class(exp.searcher.name).several_objectives(exp.searcher.name, exp.searcher.options)
+    return Objectives(tuple(names), tuple(weights), len(names) if several else 1, exp.export.top_k)
+
+
+class Job:
+    """One run of ``exp`` in ``run_dir``; ``run()`` is the whole job, resumable at any point."""
+
+    def __init__(self, exp: Experiment, run_dir: Path, exp_dir: Path, console: Console | None = None,
+                 pool: Pool | None = None):
+        self.exp = exp
+        self.run_dir = run_dir
+        self.exp_dir = exp_dir
+        self.console = console or Console(stderr=True)
+        self.spaces = exp.load_spaces(exp_dir)
+        self.paths = {name: resolve_model_ref(ref, exp_dir) for name, ref in exp.models.items()}
+        self.others = [m for m in exp.models if m != exp.base_model]
+        self.objectives = objectives_of(exp)
+        self._pool = pool
+        self._info: dict[str, Any] | None = None
+
+    # -- workers --------------------------------------------------------------------------------
+    @property
+    def pool(self) -> Pool:
+        if self._pool is None:
+            exp = self.exp
+            kwargs = dict(models=self.paths, base=exp.base_model, base_dir=self.exp_dir,
+                          benchmarks={"fitness": {o.name: o.benchmark for o in exp.fitness.objectives},
+                                      "test": {o.name: o.benchmark for o in exp.fitness.test}},
+                          device=exp.device, dtype=exp.dtype, allow_pickle=exp.allow_pickle)
+            self._pool = open_pool(kwargs, workers=exp.workers, address=exp.address,
+                                   gpus_per_worker=exp.gpus_per_worker)
+        return self._pool
+
+    def info(self) -> dict[str, Any]:
+        """What a worker knows of the models: tensor names, layer count, resident bytes."""
+        if self._info is None:
+            self._info = self.pool.broadcast("info")[0]
+        return self._info
+
+    def score_all(self, recipes: Mapping[str, Recipe]) -> dict[str, dict[str, np.ndarray]]:
+        """Every fitness item of every item benchmark for each recipe: {name: {benchmark: scores}}."""
+        names = list(recipes)
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for i, result in run_tasks(self.pool, [Task(recipes[n], None, "fitness", 0) for n in names]):
+            if not result.ok:
+                raise RuntimeError(f"evaluating '{names[i]}' on every fitness item failed: {result.error}")
+            out[names[i]] = {r.benchmark: r.scores for r in result.responses}
+        return out
+
+    def estimator_inputs(self) -> EstimatorInputs:
+        item_ids = {n: v for n, v in self.pool.broadcast("item_ids", "fitness")[0].items() if v is not None}
+        return EstimatorInputs(self.exp.fitness.estimator, self.exp.seed, item_ids, self.objectives, self.score_all,
+                               self.run_dir, self.exp_dir, self.calibration_recipes,
+                               say=lambda text: self.console.print(text, soft_wrap=True))
+
+    def calibration_recipes(self, n_models: int) -> dict[str, Recipe]:
+        """The sources, then ``n_models`` random genomes of the first phase's space."""
+        recipes = {f"source:{m}": single_model(m) for m in [self.exp.base_model, *self.others]}
+        genome = self.space(self.spaces[0], [])
+        rng = np.random.default_rng(self.exp.seed + 7919)
+        for j in range(n_models):
+            recipes[f"random:{j}"] = genome.decode(rng.uniform(genome.lower, genome.upper), j)
+        return recipes
+
+    # -- the job --------------------------------------------------------------------------------
+    def run(self) -> list[PhaseResult]:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        results: list[PhaseResult] = []
+        try:
+            self.check_benchmarks()
+            estimator = make_fitness_estimator(self.estimator_inputs())
+            for k, (space, phase) in enumerate(zip(self.spaces, self.exp.phases or [])):
+                results.append(self.run_phase(k, space, phase.budget, results, estimator))
+            self.finish(results, estimator)
+        finally:
+            if self._pool is not None:  # an embedded Ray goes down with the run, also on errors
+                self._pool.close()
+        return results
+
+    def check_benchmarks(self) -> None:
+        """Score the base model on a few items of every benchmark (fitness and test) before the search,
+        so a benchmark that cannot run at all stops the run with its first error, in one line, instead
+        of failing every candidate."""
+        for which in ("fitness", "test"):
+            ids = self.pool.broadcast("item_ids", which)[0]
+            if not ids:
+                continue
+            few = {n: (v[:4] if v is not None else None) for n, v in ids.items()}
+            for _, result in run_tasks(self.pool, [Task(single_model(self.exp.base_model), few, which, 0)]):
+                first = (result.error or "").strip().splitlines()[0] if not result.ok else None
+                missing = [n for n in self.objectives.names if n not in result.objectives]
+                if first is None and which == "fitness" and missing:
+                    first = (f"the fitness returned {sorted(result.objectives)} but the experiment's objectives "
+                             f"are {list(self.objectives.names)}: name a custom function's values with `outputs:`")
+                if first is not None:
+                    raise ValueError(f"the {which} benchmarks cannot score the base model "
+                                     f"'{self.exp.base_model}': {first}")
+
+    def space(self, space: PSSpace | DFSSpace, earlier: list[PhaseResult]) -> Genome:
+        """The genome of a phase. PS+DFS: the best PS merge of an earlier phase joins the DFS pool,
+        first, as its host (every worker builds it once)."""
+        info = self.info()
+        if isinstance(space, PSSpace):
+            return build_space(space, self.exp.base_model, self.others, info["tensors"], info["num_layers"], {})
+        members: dict[str, Any] = {n: str(p) for n, p in self.paths.items()}
+        pool_names = list(space.pool or [self.exp.base_model, *self.others])
+        ps = next((r for r in reversed(earlier) if r.kind == "ps"), None)
+        if ps is not None and ps.recipes[0].merge is not None:
+            merge = ps.recipes[0].merge
+            self.pool.broadcast("set_pool_member", "ps", merge)
+            members["ps"] = with_paths(merge, self.paths)
+            if "ps" not in pool_names:
+                pool_names = ["ps", *pool_names]
+        return build_space(space, self.exp.base_model, self.others, info["tensors"], info["num_layers"], members,
+                           pool_names)
+
+    def new_searcher(self, k: int, space: PSSpace | DFSSpace, genome: Genome) -> Searcher:
+        spec = self.exp.searcher
+        opts = {o: v for o, v in spec.options.items() if o != "multi_objective"}
+        starts: dict[str, np.ndarray] = {}
+        if spec.start_from_sources:
+            starts = genome.source_genomes() if isinstance(genome, PSGenome) else {}
+            if not starts:
+                self.console.print(f"[yellow]start_from_sources: phase {k}'s space ({space.kind}, "
+                                   f"{getattr(space, 'method', 'layer plan')}) cannot express a source "
+                                   f"exactly; starting from a random population[/yellow]")
+        return make_searcher(spec.name, genome.lower, genome.upper, x0=genome.x0, n_obj=self.objectives.n_obj,
+                             seed=self.exp.seed + k, starts=list(starts.values()), **opts)
+
+    def run_phase(self, k: int, space: PSSpace | DFSSpace, budget: int, earlier: list[PhaseResult],
+                  estimator: FitnessEstimator) -> PhaseResult:
+        phase_dir = self.run_dir / f"phase{k}-{space.kind}"
+        phase_dir.mkdir(exist_ok=True)
+        genome = self.space(space, earlier)
+        store = RunStore(phase_dir / "run.sqlite")
+        store.set_meta("genes", genome.names)
+        searcher, gen = open_searcher(store, lambda: self.new_searcher(k, space, genome))
+
+        def decode(g: np.ndarray) -> tuple[Recipe, int]:
+            seed = genome_seed(g, self.exp.seed)
+            return genome.decode(g, seed), seed
+
+        def recipe_of(ev: Evaluation) -> Recipe:
+            return genome.decode(ev.genome, ev.seed or 0)
+
+        view = PhaseView(k, store, recipe_of)
+        estimator.begin_phase(view, gen)
+        columns = [TextColumn(f"phase {k} ({space.kind})"), BarColumn(),
+                   TextColumn("{task.completed}/{task.total} evals"), TextColumn("gen {task.fields[gen]}"),
+                   TextColumn("best {task.fields[best]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+        with Progress(*columns, console=self.console, transient=False) as progress:
+            task = progress.add_task("search", total=budget, completed=min(store.count(), budget), gen=gen,
+                                     best=_best_text(store))
+
+            def show(generation: int) -> None:
+                progress.update(task, completed=min(store.count(), budget), gen=generation, best=_best_text(store))
+
+            search(searcher, store, self.pool, decode, estimator, view, self.objectives, budget, gen, show)
+        best = estimator.final_choice(view)
+        result = PhaseResult(k, space.kind, best, [recipe_of(e) for e in best], genome, store.path,
+                             estimator.report(view, best[0]))
+        store.close()
+        return result
+
+    def finish(self, phases: list[PhaseResult], estimator: FitnessEstimator) -> None:
+        """Export the chosen models, evaluate them and the references on the held-out split, report."""
+        exp = self.exp
+        final = phases[-1]
+        chosen: dict[str, Recipe] = {}
+        for j, recipe in enumerate(final.recipes):
+            name = "best" if len(final.best) == 1 else f"pareto-{j + 1}"
+            outputs.export_recipe(recipe, self.run_dir / name, self.paths, exp.allow_pickle, exp.export.dtype)
+            chosen[name] = recipe
+        earlier = {f"phase {ph.index} best ({ph.kind})": ph.recipes[0] for ph in phases[:-1]}
+        test: dict[str, dict[str, Any]] = {}
+        if exp.fitness.test:
+            self.console.print("evaluating the chosen model(s) and the references on the held-out test split...")
+            recipes = {**chosen, **earlier, **outputs.reference_recipes(exp.base_model, self.others)}
+            test = self.score_test(recipes)
+        outputs.write_outputs(self.run_dir, exp, phases, self.objectives, chosen, test, self.pool.utilization(),
+                              self.console)
+
+    def score_test(self, recipes: Mapping[str, Recipe]) -> dict[str, dict[str, Any]]:
+        """Full evaluation on the held-out test benchmarks, which the search never saw."""
+        names = list(recipes)
+        out: dict[str, dict[str, Any]] = {}
+        for i, result in run_tasks(self.pool, [Task(recipes[n], None, "test", 0) for n in names]):
+            out[names[i]] = result.objectives if result.ok else {"error": result.error}
+        return {n: out[n] for n in names}
+
+
+def _best_text(store: RunStore) -> str:
+    best = store.best_fitness()
+    return "-" if best is None else f"{best:.3f}"
+
+
+def start(exp_path: str | Path, output_dir: str | Path | None = None, console: Console | None = None,
+          overrides: Optional[dict[str, Any]] = None) -> Path:
+    """``evomerge search``: validate everything, freeze the experiment into the run folder, run."""
+    exp_path = Path(exp_path).resolve()
+    data = read_experiment_yaml(exp_path, "name, models, base_model, search_space, fitness")
+    data.update(overrides or {})
+    exp = experiment_from_data(data, exp_path)
+    run_dir = Path(output_dir or exp.output_dir or Path("runs") / exp.name)
+    if (run_dir / "experiment.yaml").exists():
+        raise RunExists(f"{run_dir} already holds a run; continue it with `evomerge resume {run_dir}`, "
+                        "or choose another --output-dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    frozen = {**data, "_experiment_dir": str(exp_path.parent)}
+    (run_dir / "experiment.yaml").write_text(yaml.safe_dump(frozen, sort_keys=False))
+    _run_job(exp, run_dir, exp_path.parent, console)
+    return run_dir
+
+
+def resume(run_dir: str | Path, console: Console | None = None, overrides: Optional[dict[str, Any]] = None) -> Path:
+    """``evomerge resume``: the frozen experiment, the same run folder, the same trajectory.
+
+    ``overrides`` may change where the work runs (address, workers, gpus_per_worker: a requeued
+    cluster job gets new nodes), never what is searched."""
+    run_dir = Path(run_dir)
+    frozen = run_dir / "experiment.yaml"
+    if not frozen.exists():
+        raise ValueError(f"{run_dir} holds no run (no experiment.yaml); start one with `evomerge search`")
+    data = yaml.safe_load(frozen.read_text())
+    bad = set(overrides or {}) - RESUMABLE_OVERRIDES
+    if bad:
+        raise ValueError(f"resume can change only {sorted(RESUMABLE_OVERRIDES)}, not {sorted(bad)}")
+    data.update(overrides or {})
+    exp_dir = Path(data.pop("_experiment_dir", run_dir))
+    exp = experiment_from_data(data, frozen, exp_dir)
+    _run_job(exp, run_dir, exp_dir, console)
+    return run_dir
+
+
+def _run_job(exp: Experiment, run_dir: Path, exp_dir: Path, console: Console | None) -> None:
+    """Run the job; on Ctrl-C (anywhere: loading the models, searching, exporting) say how to resume."""
+    console = console or Console(stderr=True)
+    try:
+        Job(exp, run_dir, exp_dir, console).run()
+    except KeyboardInterrupt:
+        console.print(f"\n[yellow]stopped; every finished evaluation is saved.[/yellow] "
+                      f"Resume with:\n  evomerge resume {run_dir}", soft_wrap=True)
+        raise
+
+
+def calibrate(exp_path: str | Path, out: Path, n_models: Optional[int] = None,
+              console: Console | None = None) -> Path:
+    """``evomerge irt calibrate``: the experiment's calibration population scored on every fitness item,
+    an IRT model fitted per benchmark, saved in ``out`` for ``estimator.calibration`` to reuse."""
+    from evomerge.estimators.irt import calibrate_population
+
+    exp_path = Path(exp_path).resolve()
+    exp = experiment_from_data(read_experiment_yaml(exp_path, "name, models, base_model, search_space, fitness"),
+                               exp_path)
+    job = Job(exp, out, exp_path.parent, console)
+    try:
+        calibrate_population(job.estimator_inputs(), out, n_models)
+    finally:
+        job.pool.close()
+    return out

@@ -1,0 +1,1 @@
+"""Search-space presets, installed as evomerge.presets (see evomerge.resources)."""
