@@ -21,6 +21,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from evomerge import outputs
 from evomerge.config import DFSSpace, Experiment, PSSpace, experiment_from_data, read_experiment_yaml
 from evomerge.estimators import EstimatorInputs, FitnessEstimator, PhaseView, make_fitness_estimator
+from evomerge.evaluate.registry import make_evaluator
 from evomerge.loop import open_searcher, search
 from evomerge.objectives import Objectives
 from evomerge.outputs import PhaseResult
@@ -46,6 +47,33 @@ def objectives_of(exp: Experiment) -> Objectives:
     return Objectives(tuple(names), tuple(weights), len(names) if several else 1, exp.export.top_k)
 
 
+def resolve_models(exp: Experiment, exp_dir: Path) -> dict[str, Path]:
+    """Every model's folder (the zoo is built on first use); an error names the model's key."""
+    paths = {}
+    for name, ref in exp.models.items():
+        try:
+            paths[name] = resolve_model_ref(ref, exp_dir)
+        except ValueError as err:
+            raise ValueError(f"models.{name}: {err}") from None
+    return paths
+
+
+def check_benchmark_specs(exp: Experiment, exp_dir: Path) -> None:
+    """Build every item and lm-eval benchmark here, before any model loads, and list its items: a
+    missing or broken item file, or an lm-eval task name that lm-eval cannot find, stops the run
+    with the key that names it. (Custom functions are loaded by the workers.)"""
+    sets = [("fitness.objectives", exp.fitness.objectives), ("fitness.test", exp.fitness.test)]
+    for where, objectives in sets:
+        for i, o in enumerate(objectives):
+            if o.benchmark.get("type") not in ("items", "lm_eval"):
+                continue
+            try:
+                make_evaluator(o.benchmark, exp_dir).item_ids()
+            except (ValueError, KeyError, FileNotFoundError, OSError) as err:
+                text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+                raise ValueError(f"{where}[{i}] ({o.name}): {text}") from None
+
+
 class Job:
     """One run of ``exp`` in ``run_dir``; ``run()`` is the whole job, resumable at any point."""
 
@@ -56,7 +84,7 @@ class Job:
         self.exp_dir = exp_dir
         self.console = console or Console(stderr=True)
         self.spaces = exp.load_spaces(exp_dir)
-        self.paths = {name: resolve_model_ref(ref, exp_dir) for name, ref in exp.models.items()}
+        self.paths = resolve_models(exp, exp_dir)
         self.others = [m for m in exp.models if m != exp.base_model]
         self.objectives = objectives_of(exp)
         self._pool = pool
@@ -111,6 +139,7 @@ class Job:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         results: list[PhaseResult] = []
         try:
+            check_benchmark_specs(self.exp, self.exp_dir)
             self.check_benchmarks()
             estimator = make_fitness_estimator(self.estimator_inputs())
             for k, (space, phase) in enumerate(zip(self.spaces, self.exp.phases or [])):

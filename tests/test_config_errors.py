@@ -1,0 +1,119 @@
+"""Bad input, as a new user writes it: each is refused before any model loads, in one or a few lines
+that name the file and key, the bad value and what is allowed; never a traceback or pydantic's links."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from evomerge.cli import app
+from evomerge.zoo.skills import write_jsonl
+
+BASE: dict[str, Any] = {
+    "name": "bad", "seed": 0,
+    "models": {"base": "zoo:base", "rev": "zoo:rev"},
+    "base_model": "base",
+    "search_space": "ps_task_arithmetic_layers",
+    "budget": {"evaluations": 4},
+    "searcher": {"name": "cmaes", "options": {"popsize": 4}},
+    "fitness": {"objectives": [{"name": "rev", "benchmark": {"type": "items", "path": "rev.jsonl"}}]},
+    "device": "cpu",
+}
+
+
+def _set(path: str, value: Any) -> Callable[[dict], None]:
+    def apply(exp: dict) -> None:
+        *parents, last = path.split(".")
+        node = exp
+        for p in parents:
+            node = node[int(p)] if p.isdigit() else node[p]
+        if value is _DELETE:
+            del node[last]
+        else:
+            node[last] = value
+    return apply
+
+
+_DELETE = object()
+LOCAL_TASK = {"task": "zoo_rev_local", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": "rev.jsonl"}},
+              "test_split": "test", "output_type": "generate_until", "doc_to_text": "{{prompt}}",
+              "doc_to_target": "{{answer}}", "metric_list": [{"metric": "exact_match"}]}
+
+CASES = [
+    ("typo'd searcher", _set("searcher.name", "cmaez"), ["unknown searcher 'cmaez'", "cmaes"]),
+    ("typo'd key", _set("fitnes", {}), ["fitnes: unknown key (did you mean 'fitness'?)", "allowed here:"]),
+    ("typo'd nested key", _set("searcher.optoins", {}), ["searcher.optoins: unknown key (did you mean 'options'?)"]),
+    ("missing model folder", _set("models.rev", "./no/such/model"), ["models.rev:", "no/such/model", "does not exist"]),
+    ("inverted gene bounds", _set("search_space", {"method": "task_arithmetic",
+                                                   "genes": {"weight": {"low": 1.0, "high": 0.0}}}),
+     ["search_space.genes.weight", "low < high", "low=1.0, high=0.0"]),
+    ("density above 1", _set("search_space", {"method": "dare_ties", "genes": {"weight": {"low": 0, "high": 1},
+                                                                               "density": {"low": 0.1, "high": 1.5}}}),
+     ["genes.density bounds must lie in (0, 1]"]),
+    ("unknown preset", _set("search_space", "ps_no_such"), ["search space 'ps_no_such' not found",
+                                                            "ps_task_arithmetic_layers"]),
+    ("missing item file", _set("fitness.objectives.0.benchmark.path", "nope.jsonl"),
+     ["fitness.objectives[0] (rev):", "nope.jsonl", "does not exist"]),
+    ("broken item file", _set("fitness.objectives.0.benchmark.path", "broken.jsonl"),
+     ["fitness.objectives[0] (rev):", "broken.jsonl:2", "not valid JSON"]),
+    ("stratified estimator", _set("fitness.estimator", {"kind": "stratified"}),
+     ["fitness.estimator.kind", "'stratified' needs a group label per item"]),
+    ("unknown estimator", _set("fitness.estimator", {"kind": "irtt"}), ["fitness.estimator.kind", "'gpirt'"]),
+    ("budget of zero", _set("budget", {"evaluations": 0}), ["budget.evaluations", "greater than 0", "got 0"]),
+    ("missing key", _set("base_model", _DELETE), ["base_model: missing"]),
+    ("lm-eval task name lm-eval cannot find",
+     _set("fitness.objectives.0.benchmark", {"type": "lm_eval", "task": "zoo_rev_lcoal", "include_path": "tasks"}),
+     ["fitness.objectives[0] (rev):", "no task ['zoo_rev_lcoal']"]),
+]
+
+
+def _check(result, fragments: list[str]) -> None:
+    out = result.output
+    assert result.exit_code == 2, out
+    assert "Traceback" not in out and "errors.pydantic.dev" not in out and "For further information" not in out, out
+    text = " ".join(out.split())  # rich wraps long lines
+    for f in fragments:
+        assert f in text, f"{f!r} not in:\n{out}"
+    assert len(out.strip().splitlines()) <= 8, out
+
+
+@pytest.fixture
+def workdir(zoo, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "rev.jsonl", zoo.items("rev", "fitness")[:8])
+    (tmp_path / "broken.jsonl").write_text('{"id": "a", "prompt": "x", "answer": "y"}\n{"id": "b", "prompt": \n')
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "zoo_rev_local.yaml").write_text(yaml.safe_dump(LOCAL_TASK))
+    return tmp_path
+
+
+@pytest.mark.parametrize("what, change, fragments", CASES, ids=[c[0] for c in CASES])
+def test_bad_experiment_is_one_clear_error_before_any_model_loads(workdir: Path, what, change, fragments):
+    exp = copy.deepcopy(BASE)
+    change(exp)
+    (workdir / "exp.yaml").write_text(yaml.safe_dump(exp))
+    result = CliRunner().invoke(app, ["search", "exp.yaml", "-o", "run"])
+    _check(result, fragments)
+    assert not (workdir / "run" / "phase0-ps").exists()  # no search began
+
+
+def test_malformed_yaml_names_file_and_line(workdir: Path):
+    (workdir / "exp.yaml").write_text("name: bad\nmodels: {base: zoo:base\nbase_model: base\n")
+    _check(CliRunner().invoke(app, ["search", "exp.yaml"]), ["exp.yaml: not valid YAML (line"])
+    (workdir / "merge.yml").write_text("merge_method: linear\nmodels:\n  - model: a\n   parameters: {weight: 1}\n")
+    _check(CliRunner().invoke(app, ["merge", "merge.yml", "-o", "out"]), ["merge.yml: not valid YAML (line"])
+
+
+def test_merge_config_errors_are_short(workdir: Path):
+    (workdir / "merge.yml").write_text(yaml.safe_dump({"merge_method": "linear", "modles": []}))
+    _check(CliRunner().invoke(app, ["merge", "merge.yml", "-o", "out"]), ["merge.yml: modles: unknown key"])
+
+
+def test_resume_of_a_missing_run(workdir: Path):
+    (workdir / "empty").mkdir()
+    _check(CliRunner().invoke(app, ["resume", "empty"]), ["holds no run", "evomerge search"])
