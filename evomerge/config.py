@@ -218,6 +218,35 @@ class Export(Strict):
     dtype: Optional[str] = None
 
 
+class Reference(Strict):
+    """A hand recipe people actually use, reported beside the search: every non-base model merged by
+    one method with the same parameters. It is scored on the fitness split too, and a search never
+    exports a model that scores below one of them there."""
+
+    name: str
+    method: str
+    weight: Optional[float] = None  # None: 1/k for k models (the uniform merge)
+    density: Optional[float] = Field(None, gt=0, le=1)
+    parameters: dict[str, Any] = Field(default_factory=dict)  # the method's global parameters (lambda, ...)
+
+    @model_validator(mode="after")
+    def _method(self) -> "Reference":
+        from evomerge.merge.methods import get_method
+
+        method = get_method(self.method)  # ValueError lists the known methods
+        if self.density is not None and "density" not in method.model_params:
+            raise ValueError(f"'{self.method}' takes no density; drop it or choose a method that prunes")
+        return self
+
+
+DEFAULT_REFERENCES = (
+    Reference(name="uniform merge", method="task_arithmetic"),
+    Reference(name="task arithmetic (w=1)", method="task_arithmetic", weight=1.0),
+    Reference(name="TIES (d=0.5, w=1)", method="ties", weight=1.0, density=0.5),
+    Reference(name="DARE-TIES (d=0.5, w=1)", method="dare_ties", weight=1.0, density=0.5),
+)
+
+
 class Experiment(Strict):
     name: str
     seed: int = 0
@@ -236,6 +265,9 @@ class Experiment(Strict):
     workers: int = Field(1, ge=1)
     address: Optional[str] = None  # Ray cluster address; None: embedded local Ray (or in-process for 1 worker)
     gpus_per_worker: float = Field(0, ge=0)
+    # hand recipes reported beside the search (default: the uniform merge, task arithmetic at weight 1,
+    # TIES and DARE-TIES at density 0.5 and weight 1); [] for none
+    references: list[Reference] = Field(default_factory=lambda: list(DEFAULT_REFERENCES))
 
     @model_validator(mode="after")
     def _consistent(self) -> "Experiment":

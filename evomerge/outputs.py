@@ -12,19 +12,19 @@ import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 from evomerge import report
-from evomerge.config import Experiment
+from evomerge.config import Experiment, Reference
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.dfs_export import merge_plan_to_disk
 from evomerge.merge.files import merge_to_disk
 from evomerge.objectives import Objectives
-from evomerge.recipe import Recipe, single_model, with_paths
+from evomerge.recipe import Recipe, hand_recipe, single_model, with_paths
 from evomerge.runstore import Evaluation, RunStore
 
 
@@ -40,6 +40,8 @@ class PhaseResult:
     genome: Any = None
     store_path: Optional[Path] = None
     estimator_report: str = ""
+    full_fitness: float = float("nan")  # of best[0], on every fitness item where known (else its estimate)
+    exported_hand_recipe: Optional[str] = None  # a hand recipe that scored higher and was exported instead
 
 
 def export_recipe(recipe: Recipe, out: Path, paths: Mapping[str, Path], allow_pickle: bool = False,
@@ -62,18 +64,17 @@ def export_recipe(recipe: Recipe, out: Path, paths: Mapping[str, Path], allow_pi
     return out
 
 
-def reference_recipes(base: str, others: list[str]) -> dict[str, Recipe]:
-    """Every source model as it is, and the uniform task-arithmetic merge (weight 1/k each)."""
+def reference_recipes(base: str, others: list[str], hand: Sequence[Reference]) -> dict[str, Recipe]:
+    """Every source model as it is, then the hand recipes (the uniform merge, TIES at density 0.5...)."""
     refs = {m: single_model(m) for m in [base, *others]}
-    refs["uniform merge"] = Recipe(merge=MergeConfig.model_validate({
-        "merge_method": "task_arithmetic", "base_model": base,
-        "models": [{"model": m, "parameters": {"weight": 1.0 / len(others)}} for m in others]}))
+    refs.update({r.name: hand_recipe(r.method, base, others, r.weight, r.density, r.parameters) for r in hand})
     return refs
 
 
 def write_outputs(run_dir: Path, exp: Experiment, phases: list[PhaseResult], objectives: Objectives,
                   chosen: Mapping[str, Recipe], test: Mapping[str, Mapping[str, Any]],
-                  util: Mapping[str, Mapping[str, float]], console: Console) -> Path:
+                  util: Mapping[str, Mapping[str, float]], console: Console,
+                  hand: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
     """test_results.json, summary.json, each phase's history and plots, report.md; the test table printed."""
     final = phases[-1]
     (run_dir / "test_results.json").write_text(json.dumps(test, indent=1))
@@ -84,9 +85,11 @@ def write_outputs(run_dir: Path, exp: Experiment, phases: list[PhaseResult], obj
                    for n, ev in zip(chosen, final.best)},
         "test": test,
         "worker_utilization": {w: u["busy_s"] / max(u["wall_s"], 1e-9) for w, u in util.items()},
+        "hand_recipes_fitness": {n: h.get("fitness") for n, h in (hand or {}).items()},
+        "exported_hand_recipe": final.exported_hand_recipe,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
-    _write_report(run_dir, exp, sections, test, util, chosen)
+    _write_report(run_dir, exp, sections, test, util, chosen, final, hand or {})
     _print_test(console, exp, test, run_dir)
     return run_dir
 
@@ -125,7 +128,8 @@ def _phase_section(run_dir: Path, ph: PhaseResult, objectives: Objectives, estim
 
 
 def _write_report(run_dir: Path, exp: Experiment, sections: list[str], test: Mapping[str, Mapping[str, Any]],
-                  util: Mapping[str, Mapping[str, float]], chosen: Mapping[str, Recipe]) -> None:
+                  util: Mapping[str, Mapping[str, float]], chosen: Mapping[str, Recipe], final: PhaseResult,
+                  hand: Mapping[str, Mapping[str, Any]]) -> None:
     names = [n for o in exp.fitness.test for n in o.names]
     lines = [f"# evomerge run: {exp.name}", "",
              f"Models: {', '.join(f'{k} ({v})' for k, v in exp.models.items())}; base `{exp.base_model}`. "
@@ -136,6 +140,14 @@ def _write_report(run_dir: Path, exp: Experiment, sections: list[str], test: Map
         lines += ["## Held-out test accuracy", "",
                   "Full evaluation on the test split, which the search never saw.", "",
                   report.markdown_table({k: dict(v) for k, v in ok.items()}, names, mean_of=names), ""]
+    if hand:
+        lines += ["## Hand recipes on the fitness split", "",
+                  "What the search had to beat, scored on every fitness item: "
+                  + "; ".join(f"{n} {h['fitness']:.4f}" if h.get("fitness") is not None else f"{n} failed"
+                              for n, h in hand.items())
+                  + f". The search's best: {final.full_fitness:.4f}"
+                  + (f"; the hand recipe '{final.exported_hand_recipe}' scored higher and is exported as best."
+                     if final.exported_hand_recipe else "."), ""]
     lines += sections
     lines += ["", "## Workers", "", "| worker | busy s | wall s | busy / wall |", "|---|---|---|---|"]
     for w, u in util.items():

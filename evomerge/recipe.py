@@ -180,6 +180,20 @@ def single_model(name: str) -> Recipe:
         {"model": name, "parameters": {"weight": 1.0}}]}))
 
 
+def hand_recipe(method: str, base: str, others: list[str], weight: Optional[float] = None,
+                density: Optional[float] = None, parameters: Optional[Mapping[str, Any]] = None,
+                seed: int = 0) -> Recipe:
+    """Every model of ``others`` merged into ``base`` by ``method`` with one weight (None: 1/k) and
+    density: the recipes people write by hand, e.g. TIES at density 0.5 and weight 1."""
+    per_model: dict[str, Any] = {"weight": 1.0 / len(others) if weight is None else weight}
+    if density is not None:
+        per_model["density"] = density
+    models: list[dict[str, Any]] = [{"model": m, "parameters": dict(per_model)} for m in others]
+    return Recipe(merge=MergeConfig.model_validate({
+        "merge_method": method, "base_model": base, "models": models, "parameters": dict(parameters or {}),
+        "evomerge": {"seed": seed}}))
+
+
 def with_paths(merge: MergeConfig, paths: Mapping[str, Path]) -> dict[str, Any]:
     """A merge config over model names, as a dict over folders (for export and replay)."""
     data = yaml.safe_load(merge.to_yaml())

@@ -10,6 +10,8 @@ estimator gets item ids and a callable that scores recipes on every item; the ou
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -21,13 +23,14 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from evomerge import outputs
 from evomerge.config import DFSSpace, Experiment, PSSpace, experiment_from_data, read_experiment_yaml
 from evomerge.estimators import EstimatorInputs, FitnessEstimator, PhaseView, make_fitness_estimator
+from evomerge.evaluate.custom import CustomFitness
 from evomerge.evaluate.registry import make_evaluator
 from evomerge.loop import open_searcher, search
 from evomerge.objectives import Objectives
 from evomerge.outputs import PhaseResult
-from evomerge.recipe import Recipe, single_model, with_paths
+from evomerge.recipe import Recipe, hand_recipe, single_model, with_paths
 from evomerge.refs import resolve_model_ref
-from evomerge.runstore import Evaluation, RunStore
+from evomerge.runstore import Evaluation, RunStore, write_atomic
 from evomerge.searchers import Searcher, make_searcher, searcher_class
 from evomerge.spaces import Genome, PSGenome, build_space, genome_seed
 from evomerge.workers import Pool, Task, open_pool, run_tasks
@@ -68,7 +71,9 @@ def check_benchmark_specs(exp: Experiment, exp_dir: Path) -> None:
             if o.benchmark.get("type") not in ("items", "lm_eval"):
                 continue
             try:
-                make_evaluator(o.benchmark, exp_dir).item_ids()
+                evaluator = make_evaluator(o.benchmark, exp_dir)
+                assert not isinstance(evaluator, CustomFitness)
+                evaluator.item_ids()
             except (ValueError, KeyError, FileNotFoundError, OSError) as err:
                 text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
                 raise ValueError(f"{where}[{i}] ({o.name}): {text}") from None
@@ -142,9 +147,10 @@ class Job:
             check_benchmark_specs(self.exp, self.exp_dir)
             self.check_benchmarks()
             estimator = make_fitness_estimator(self.estimator_inputs())
+            hand = self.score_hand_recipes()
             for k, (space, phase) in enumerate(zip(self.spaces, self.exp.phases or [])):
                 results.append(self.run_phase(k, space, phase.budget, results, estimator))
-            self.finish(results, estimator)
+            self.finish(results, hand)
         finally:
             if self._pool is not None:  # an embedded Ray goes down with the run, also on errors
                 self._pool.close()
@@ -231,14 +237,41 @@ class Job:
             search(searcher, store, self.pool, decode, estimator, view, self.objectives, budget, gen, show)
         best = estimator.final_choice(view)
         result = PhaseResult(k, space.kind, best, [recipe_of(e) for e in best], genome, store.path,
-                             estimator.report(view, best[0]))
+                             estimator.report(view, best[0]), estimator.full_fitness(view, best[0]))
         store.close()
         return result
 
-    def finish(self, phases: list[PhaseResult], estimator: FitnessEstimator) -> None:
-        """Export the chosen models, evaluate them and the references on the held-out split, report."""
+    def hand_recipe(self, name: str) -> Recipe:
+        r = next(r for r in self.exp.references if r.name == name)
+        return hand_recipe(r.method, self.exp.base_model, self.others, r.weight, r.density, r.parameters)
+
+    def score_hand_recipes(self) -> dict[str, dict[str, Any]]:
+        """The hand recipes on every fitness item, kept in ``RUN/hand_recipes.json`` (a resume scores
+        none again): what the search must beat, and what it is compared with in the report."""
+        path = self.run_dir / "hand_recipes.json"
+        known: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.exists() else {}
+        todo = [r.name for r in self.exp.references if r.name not in known]
+        if todo:
+            self.console.print(f"scoring {len(todo)} hand recipe(s) on the fitness split: {', '.join(todo)}")
+        for i, result in run_tasks(self.pool, [Task(self.hand_recipe(n), None, "fitness", 0) for n in todo]):
+            obj = dict(result.objectives) if result.ok else {}
+            fit = self.objectives.fitness(obj)
+            known[todo[i]] = {"objectives": obj, "fitness": fit if math.isfinite(fit) else None, "error": result.error}
+        write_atomic(path, json.dumps(known, indent=1).encode())
+        return known
+
+    def finish(self, phases: list[PhaseResult], hand: Mapping[str, Mapping[str, Any]]) -> None:
+        """Export the chosen models (a hand recipe instead, where one scores higher on the fitness
+        split), evaluate them and the references on the held-out split, write the report."""
         exp = self.exp
         final = phases[-1]
+        scored = {n: h["fitness"] for n, h in hand.items() if h.get("fitness") is not None}
+        top = max(scored, key=lambda n: scored[n], default=None)
+        if self.objectives.n_obj == 1 and top is not None and scored[top] > final.full_fitness:
+            self.console.print(f"[yellow]the hand recipe '{top}' scores {scored[top]:.4f} on the fitness split, "
+                               f"above the search's best ({final.full_fitness:.4f}): it is exported as best[/yellow]")
+            final.recipes = [self.hand_recipe(top)]
+            final.exported_hand_recipe = top
         chosen: dict[str, Recipe] = {}
         for j, recipe in enumerate(final.recipes):
             name = "best" if len(final.best) == 1 else f"pareto-{j + 1}"
@@ -248,10 +281,10 @@ class Job:
         test: dict[str, dict[str, Any]] = {}
         if exp.fitness.test:
             self.console.print("evaluating the chosen model(s) and the references on the held-out test split...")
-            recipes = {**chosen, **earlier, **outputs.reference_recipes(exp.base_model, self.others)}
+            recipes = {**chosen, **earlier, **outputs.reference_recipes(exp.base_model, self.others, exp.references)}
             test = self.score_test(recipes)
         outputs.write_outputs(self.run_dir, exp, phases, self.objectives, chosen, test, self.pool.utilization(),
-                              self.console)
+                              self.console, hand)
 
     def score_test(self, recipes: Mapping[str, Recipe]) -> dict[str, dict[str, Any]]:
         """Full evaluation on the held-out test benchmarks, which the search never saw."""

@@ -76,7 +76,8 @@ def test_search_writes_checkpoint_recipe_history_plots_report(zoo, tmp_path):
               "best.mergekit.yml", "phase0-ps/history.csv", "phase0-ps/fitness.png", "phase0-ps/coefficients.png"]:
         assert (run_dir / f).exists(), f
     test = json.loads((run_dir / "test_results.json").read_text())
-    assert set(test) == {"best", "base", "rev", "sort", "tr", "uniform merge"}
+    assert set(test) == {"best", "base", "rev", "sort", "tr", "uniform merge", "task arithmetic (w=1)",
+                         "TIES (d=0.5, w=1)", "DARE-TIES (d=0.5, w=1)"}
     assert all("error" not in v for v in test.values()), test
     # the exported recipe replays to the exported weights through `evomerge merge`
     replay = tmp_path / "replay"
@@ -88,7 +89,15 @@ def test_search_writes_checkpoint_recipe_history_plots_report(zoo, tmp_path):
     # the checkpoint is what the search scored: the best fitness re-measured on the exported model
     store = RunStore(run_dir / "phase0-ps" / "run.sqlite", readonly=True)
     assert store.count() == 24
-    best = max(store.evaluations(), key=lambda e: e.fitness)
+    best_fitness = max(e.fitness for e in store.evaluations())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    hand = summary["hand_recipes_fitness"]
+    assert set(hand) == set(test) - {"best", "base", "rev", "sort", "tr"} and all(v is not None for v in hand.values())
+    if summary["exported_hand_recipe"]:  # a hand recipe scored higher than the search: it is what was exported
+        assert hand[summary["exported_hand_recipe"]] > best_fitness
+        best_fitness = hand[summary["exported_hand_recipe"]]
+    else:
+        assert best_fitness >= max(hand.values())
     from transformers import AutoTokenizer
 
     from evomerge.evaluate.base import EvalContext
@@ -99,10 +108,29 @@ def test_search_writes_checkpoint_recipe_history_plots_report(zoo, tmp_path):
     exp = load_experiment(tmp_path / "exp.yaml")
     scores = [ItemsBenchmark(o.name, o.benchmark["path"]).evaluate(model, tok, EvalContext()).mean()
               for o in exp.fitness.objectives]
-    assert np.mean(scores) == pytest.approx(best.fitness, abs=1e-9)
+    assert np.mean(scores) == pytest.approx(best_fitness, abs=1e-9)
     # a second search into the same folder is refused with the way out
     with pytest.raises(RunExists, match="evomerge resume"):
         start(tmp_path / "exp.yaml", tmp_path / "run")
+
+
+def test_a_search_never_exports_below_a_hand_recipe(zoo, tmp_path):
+    """A space that cannot leave the base (weights in [0, 0.01]) against the uniform merge: the hand
+    recipe scores higher on the fitness split, so it is exported as best, and the report says so."""
+    space = {"method": "task_arithmetic", "granularity": "global", "genes": {"weight": {"low": 0.0, "high": 0.01}}}
+    experiment(zoo, tmp_path, search_space=space, budget={"evaluations": 4}, searcher={"name": "random"},
+               references=[{"name": "uniform merge", "method": "task_arithmetic"}])
+    run_dir = start(tmp_path / "exp.yaml", tmp_path / "run")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["exported_hand_recipe"] == "uniform merge"
+    with RunStore(run_dir / "phase0-ps" / "run.sqlite", readonly=True) as store:
+        assert summary["hand_recipes_fitness"]["uniform merge"] > max(e.fitness for e in store.evaluations())
+    recipe = yaml.safe_load((run_dir / "best.mergekit.yml").read_text())
+    assert recipe["merge_method"] == "task_arithmetic"
+    assert [m["parameters"]["weight"] for m in recipe["models"]] == pytest.approx([1 / 3] * 3)
+    test = json.loads((run_dir / "test_results.json").read_text())
+    assert test["best"] == test["uniform merge"]
+    assert "the hand recipe 'uniform merge' scored higher and is exported as best" in (run_dir / "report.md").read_text()
 
 
 def run_cli(args: list[str], cwd: Path, kill_at: int | None = None, store: Path | None = None,

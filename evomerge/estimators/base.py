@@ -98,6 +98,10 @@ class FitnessEstimator(ABC):
             raise RuntimeError(f"no candidate of {phase.store.path} was evaluated successfully; see the errors there")
         return self.inputs.objectives.choose(ok)
 
+    def full_fitness(self, phase: PhaseView, ev: Evaluation) -> float:
+        """``ev``'s fitness on every fitness item, as far as the run knows it (an estimate otherwise)."""
+        return float(ev.fitness) if ev.fitness is not None else float("nan")
+
     def report(self, phase: PhaseView, chosen: Evaluation) -> str:
         """The estimator's part of the phase's report (markdown; empty when there is nothing to say)."""
         return ""

@@ -52,6 +52,13 @@ class ReducedFitness(FitnessEstimator):
         fitness = self.inputs.objectives.fitness
         return [max(top, key=lambda e: (fitness({**named(e), **scores[e.genome_hash]}), -(e.rowid or 0)))]
 
+    def full_fitness(self, phase: PhaseView, ev: Evaluation) -> float:
+        """The fitness on every item where the final choice or the report scored ``ev`` on all of them."""
+        confirmed = (phase.store.get_meta("full_scores", {}) or {}).get(ev.genome_hash)
+        if not confirmed:
+            return super().full_fitness(phase, ev)
+        return self.inputs.objectives.fitness({**named(ev), **{b: x["accuracy"] for b, x in confirmed.items()}})
+
     def report(self, phase: PhaseView, chosen: Evaluation, n: int = 8) -> str:
         """The estimator's error measured on search candidates (never in the calibration population):
         the ``final_top_k`` best estimates (already scored on every item for the final choice), or else
