@@ -31,7 +31,7 @@ def calibrate_population(inputs: EstimatorInputs, folder: Path, n_models: int | 
     """Score the calibration population on every fitness item, calibrate each benchmark, save the
     calibrations (and populations) into ``folder``; ``evomerge irt calibrate`` is this alone."""
     spec = inputs.spec
-    recipes = inputs.calibration_recipes(spec.calibration_models if n_models is None else n_models)
+    recipes = inputs.calibration_recipes(spec.models_to_calibrate if n_models is None else n_models)
     inputs.say(f"calibrating the fitness estimator: {len(recipes)} models x "
                f"{sum(len(v) for v in inputs.item_ids.values())} items")
     full = inputs.score_all(recipes)
