@@ -5,15 +5,14 @@ on its own answers and resumes exactly after SIGKILL."""
 from __future__ import annotations
 
 import random
-import signal
 
 import numpy as np
 import yaml
+from test_search import experiment, final_state, kill_and_resume, run_cli
 
 from evomerge.irt.adaptive import next_items, predict
 from evomerge.irt.fit import ItemParams, Prior
 from evomerge.runstore import RunStore
-from test_search import experiment, final_state, run_cli
 
 
 def synthetic(n_items: int = 400, dim: int = 2, seed: int = 0) -> ItemParams:
@@ -92,16 +91,7 @@ def test_adaptive_search_refits_on_its_answers_and_resumes_exactly(zoo, tmp_path
 
     cut = tmp_path / "cut"
     rng = random.Random(2)
-    args = ["search", str(tmp_path / "exp.yaml"), "-o", str(cut)]
-    kills = 0
-    for point in sorted(rng.sample(range(2, 17), 2)):
-        code, _ = run_cli(args, tmp_path, kill_at=point, store=cut / "phase0-ps" / "run.sqlite",
-                          delay=rng.uniform(0, 0.5))
-        kills += code == -signal.SIGKILL
-        args = ["resume", str(cut)]
-    assert kills == 2
-    code, out = run_cli(["resume", str(cut)], tmp_path)
-    assert code == 0, out
+    assert kill_and_resume(tmp_path / "exp.yaml", cut, tmp_path, sorted(rng.sample(range(2, 17), 2)), rng, 0.5) == 2
     resumed, hashes = final_state(cut)
     assert hashes == ref_hashes
     np.testing.assert_array_equal(resumed[0], reference[0])

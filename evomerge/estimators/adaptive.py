@@ -23,7 +23,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from evomerge.estimators.base import EstimatorInputs, PhaseView, Selection
-from evomerge.estimators.calibrations import INITIAL, CalibrationLog, save_calibrations, tag_of
+from evomerge.estimators.calibrations import INITIAL, CalibrationLog, save_calibrations, score_population, tag_of
 from evomerge.estimators.reduced import ReducedFitness
 from evomerge.evaluate.base import ItemResponses
 from evomerge.irt.adaptive import Prediction, next_items, predict
@@ -58,14 +58,7 @@ class AdaptiveFitness(ReducedFitness):
         if tag is not None:
             self._use(self.log.load(tag)[0])
             return
-        spec = inputs.spec
-        recipes = inputs.calibration_recipes(spec.models_to_calibrate)
-        inputs.say(f"calibrating the adaptive estimator: {len(recipes)} models x "
-                   f"{sum(len(v) for v in inputs.item_ids.values())} items")
-        full = inputs.score_all(recipes)
-        names = list(recipes)
-        parents = [n for n in names if n.startswith("source:")]
-        pops = {b: Population(names, ids, np.stack([full[n][b] for n in names])) for b, ids in inputs.item_ids.items()}
+        pops, parents = score_population(inputs, inputs.spec.models_to_calibrate)
         cals = {b: fit_calibration(pop, parents, b, inputs.seed) for b, pop in pops.items()}
         save_calibrations(self.log.folder(INITIAL), cals, pops)
         self._use(cals)
