@@ -23,8 +23,9 @@ def test_wheel_holds_the_presets_and_runs_a_search_from_a_fresh_venv(zoo, tmp_pa
     wheels = tmp_path / "wheels"
     # built from a copy of the source tree, so that no build/ folder is left in (or reused from) it
     src = tmp_path / "src"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "runs", ".cache", ".mypy_cache", "*.egg-info",
-                                                             "__pycache__", ".pytest_cache", "dist"))
+    skip = shutil.ignore_patterns(".git", ".venv", "build", "dist", "runs", ".cache", ".mypy_cache", ".ruff_cache",
+                                  "*.egg-info", "__pycache__", ".pytest_cache")
+    shutil.copytree(ROOT, src, ignore=skip)
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                             "-w", str(wheels), str(src)], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr[-3000:]
