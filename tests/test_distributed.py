@@ -36,13 +36,13 @@ import ray
 import yaml
 from rich.console import Console
 
+from evomerge.merge.config import MergeConfig
+from evomerge.recipe import LayerPlan, Recipe
+from evomerge.run import start
+from evomerge.runstore import RunStore
+from evomerge.workers import Task
 from evomerge.workers.placement import ClusterTooSmall, plan_placement
 from evomerge.workers.ray_pool import RayPool
-from evomerge.merge.config import MergeConfig
-from evomerge.workers import Task
-from evomerge.recipe import LayerPlan, Recipe
-from evomerge.runstore import RunStore
-from evomerge.run import start
 
 SKILLS = ("rev", "sort", "tr")
 RAY_BIN = str(Path(sys.executable).with_name("ray"))
@@ -89,7 +89,8 @@ def write_experiment(tmp_path: Path, zoo, probe: dict | None = None, workers: in
     exp = {"name": "tiny", "seed": 0, "models": {"base": "zoo:base", **{s: f"zoo:{s}" for s in SKILLS}},
            "base_model": "base", "search_space": "ps_task_arithmetic_layers", "budget": {"evaluations": budget},
            "searcher": {"name": "cmaes", "options": {"popsize": 4, "sigma": 0.25}},
-           "fitness": {"objectives": objectives}, "device": "cpu", "workers": workers}
+           "fitness": {"objectives": objectives}, "device": "cpu", "workers": workers,
+           "references": []}  # these tests are about the pool: no hand recipes
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(exp, sort_keys=False))
     return path
@@ -154,8 +155,10 @@ def assert_gone(procs, what: str) -> None:
 
 
 def probe_calls(log_dir: Path) -> list[tuple[int, int]]:
-    """(seed, pid) of every call of the probe fitness function."""
-    return [(int(seed), int(pid)) for seed, pid, _ in (f.name.split(".") for f in log_dir.iterdir())]
+    """(seed, pid) of every call of the probe fitness function by a search candidate, in call order.
+    Seed 0 is the check before the search (the base scored on a few items of every benchmark)."""
+    calls = sorted((int(ns), int(seed), int(pid)) for seed, pid, ns in (f.name.split(".") for f in log_dir.iterdir()))
+    return [(seed, pid) for _, seed, pid in calls if seed != 0]
 
 
 def store_of(run_dir: Path) -> RunStore:
