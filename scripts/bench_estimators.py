@@ -76,8 +76,8 @@ def main() -> None:
             rows.append(done[kind])
             print(json.dumps(done[kind]), flush=True)
     full = {r["seed"]: r for r in rows if r["kind"] == "full"}
-    lines = ["| estimator | seeds | items scored (mean) | items vs full | held-out test mean | gap to full (mean / worst) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| estimator | seeds | items scored (mean) | items vs full | held-out test mean | "
+             "gap to full (mean / worst) |", "|---|---|---|---|---|---|"]
     for kind in order:
         rs = [r for r in rows if r["kind"] == kind]
         gaps = [full[r["seed"]]["test_mean"] - r["test_mean"] for r in rs if r["seed"] in full]
