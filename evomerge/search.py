@@ -102,7 +102,8 @@ class Driver:
             kwargs = dict(models=self.paths, base=self.exp.base_model, base_dir=self.exp_dir,
                           benchmarks={"fitness": {o.name: o.benchmark for o in self.exp.fitness.objectives},
                                       "test": {o.name: o.benchmark for o in self.exp.fitness.test}},
-                          device=self.exp.device, dtype=self.exp.dtype, allow_pickle=self.exp.allow_pickle)
+                          device=self.exp.device, dtype=self.exp.dtype, allow_pickle=self.exp.allow_pickle,
+                          memory=self.exp.memory_settings())
             if self.exp.workers > 1 or self.exp.address:
                 from evomerge.distributed import RayPool
 

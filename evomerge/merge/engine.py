@@ -24,6 +24,7 @@ from evomerge.merge.config import MergeConfig
 from evomerge.merge.delta_cache import DeltaCache, open_cache, task_vectors
 from evomerge.merge.methods import FastRng, linear_from_deltas, merge_tensor
 from evomerge.merge.plan import MergeError, Sources, _check_architectures, _tensor_names, check_recipe, tensor_params
+from evomerge.merge.sharing import share_model
 from evomerge.merge.residency import Footprint, MemorySettings, choose_policy, process_memory
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -89,14 +90,14 @@ class MergeEngine:
                                     self.footprint.shared_bytes("disk"), allow_pickle, on_cache_tensor)
         else:
             self._load(allow_pickle)
-        self.model: PreTrainedModel = self._new_model()
+        self.model: PreTrainedModel | None = self._new_model()
         self._staging: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._peak_transient = 0
 
     def _new_model(self) -> PreTrainedModel:
         """The model candidates are written into (its weights start as the base's)."""
-        model = AutoModelForCausalLM.from_pretrained(self.sources.paths[self.base_name], dtype=self.dtype)
-        model = model.to(self.device).eval()
+        loaded = AutoModelForCausalLM.from_pretrained(self.sources.paths[self.base_name], dtype=self.dtype)
+        model: PreTrainedModel = loaded.to(self.device).eval()  # type: ignore[arg-type]
         self._targets = self._target_tensors(model)
         return model
 
@@ -208,8 +209,36 @@ class MergeEngine:
     def detach_model(self) -> PreTrainedModel:
         """Hand the current candidate over (e.g. a PS merge joining a DFS pool) without copying it;
         the engine allocates a fresh model only if it is asked to materialize again."""
-        model, self.model = self.model, None
+        model = self.model if self.model is not None else self._new_model()
+        self.model = None
         return model
+
+    @torch.no_grad()
+    def source_model(self, name: str, template: torch.nn.Module | None = None) -> torch.nn.Module:
+        """Source ``name`` as a frozen model (a DFS pool member) that shares memory already held
+        instead of loading a copy: the base's weights are the engine's own inputs where they sit on
+        the merge device (any policy on a CPU, ``device`` on a GPU); another source on a CPU maps
+        its checkpoint in place (page cache, shared with the node's workers) when its dtype is the
+        model's. Only what cannot be shared (a GPU copy, a dtype conversion) is allocated.
+        ``template`` gives the module structure when the engine's own model was handed away."""
+        template = self.model if self.model is not None else template
+        if template is None:
+            template = self.model = self._new_model()  # nothing to copy the structure from: allocate
+        if name == self.base_name and self._home == self.device:
+            tensors = {n: self._held(n)[0] for n in self.tensor_names}
+        else:
+            reader = TensorReader(self.sources.paths[name], allow_pickle=True)  # headers were checked already
+            tensors = {}
+            for n in self.tensor_names:
+                t = reader.get(n)
+                tensors[n] = t.to(self.device, self.dtype) if t.is_floating_point() else t.to(self.device)
+        keys = self._state_keys(template)
+        return share_model(template, {keys[n]: t for n, t in tensors.items()}).eval()
+
+    def _state_keys(self, model: torch.nn.Module) -> dict[str, str]:
+        state = model.state_dict(keep_vars=True)
+        prefix = getattr(model, "base_model_prefix", "")
+        return {n: n if n in state else f"{prefix}.{n}" for n in self.tensor_names}
 
     @torch.no_grad()
     def materialize(self, recipe: MergeConfig) -> PreTrainedModel:
@@ -220,8 +249,8 @@ class MergeEngine:
         unknown = [m for m in inputs.inputs if m not in self.names]
         if unknown:
             raise MergeError(f"recipe names models {unknown} that the engine does not hold ({self.names})")
-        if self.model is None:
-            self.model = self._new_model()
+        model = self.model if self.model is not None else self._new_model()
+        self.model = model
         if method.inputs == "deltas":
             rows = [self.others.index(m) for m in inputs.inputs]
         else:  # linear: the base (if an input) is the reference; the others enter as deltas
@@ -247,7 +276,7 @@ class MergeEngine:
                 linear_from_deltas(base, stack, w.get(self.base_name, 0.0),
                                    [w[m] for m in inputs.inputs if m != self.base_name],
                                    bool(glob["normalize"]), out=target)
-        return self.model
+        return model
 
 
 def _elem(dtype: torch.dtype) -> int:

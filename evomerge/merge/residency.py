@@ -26,9 +26,10 @@ is read, so a search that cannot fit fails at once, naming the setting to change
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -59,7 +60,7 @@ class MemorySettings:
         budget_fraction_or_bytes(self.budget)
 
     @classmethod
-    def of(cls, value: "MemorySettings | Mapping[str, Any] | str | None") -> "MemorySettings":
+    def of(cls, value: MemorySettings | Mapping[str, Any] | str | None) -> MemorySettings:
         if value is None:
             return cls()
         if isinstance(value, MemorySettings):
@@ -73,7 +74,7 @@ class MemorySettings:
         return Path(self.cache_dir).expanduser() if self.cache_dir else DEFAULT_CACHE
 
 
-def budget_fraction_or_bytes(budget: float | int | str) -> tuple[str, float]:
+def budget_fraction_or_bytes(budget: float | str) -> tuple[str, float]:
     """("fraction", f) for a number in (0, 1], ("bytes", n) for a larger number or a size string."""
     if isinstance(budget, bool):
         raise MemorySettingError(f"memory_budget: {budget!r} is neither a fraction of the device's memory "
@@ -120,7 +121,7 @@ class Footprint:
 
     @classmethod
     def of(cls, shapes: Mapping[str, Sequence[int]], floating: set[str], n_sources: int,
-           model_elem: int, delta_elem: int) -> "Footprint":
+           model_elem: int, delta_elem: int) -> Footprint:
         numel = {n: int(torch.Size(s).numel()) for n, s in shapes.items()}
         model = sum(numel.values()) * model_elem
         deltas = sum(numel[n] for n in floating) * delta_elem * n_sources
