@@ -365,7 +365,7 @@ def resume(run_dir: str | Path, console: Console | None = None, overrides: dict[
     if not frozen.exists():
         raise ValueError(f"{run_dir} holds no run (no experiment.yaml); start one with `evomerge search`")
     data = yaml.safe_load(frozen.read_text())
-    allowed = {"address", "workers", "gpus_per_worker"}
+    allowed = {"address", "workers", "gpus_per_worker", "memory", "memory_budget", "delta_cache"}  # not delta_dtype
     bad = set(overrides or {}) - allowed
     if bad:
         raise ValueError(f"resume can change only {sorted(allowed)}, not {sorted(bad)}")

@@ -279,3 +279,28 @@ def test_dfs_pool_members_share_what_the_engine_holds(zoo_models, tmp_path, poli
     before = state(worker._pool["ps"])
     worker.engine.materialize(recipe("linear"))
     assert all(torch.equal(before[k], v) for k, v in state(worker._pool["ps"]).items())
+
+
+def test_a_search_resumed_under_another_policy_follows_the_same_trajectory(zoo, tmp_path):
+    """Killed under ``device``, resumed under ``disk``: the same genomes, fitness and best as one
+    uninterrupted ``device`` run (the policy changes where inputs live, never a bit of a candidate)."""
+    from evomerge.runstore import RunStore
+    from evomerge.search import resume, start
+    from test_search import experiment, final_state, run_cli
+
+    experiment(zoo, tmp_path, budget={"evaluations": 18}, memory="device")
+    reference, _ = final_state(start(tmp_path / "exp.yaml", tmp_path / "ref"))
+    cut = tmp_path / "cut"
+    code, out = run_cli(["search", str(tmp_path / "exp.yaml"), "-o", str(cut)], tmp_path, kill_at=8,
+                        store=cut / "phase0-ps" / "run.sqlite")
+    assert code == -signal.SIGKILL, out
+    store = RunStore(cut / "phase0-ps" / "run.sqlite", readonly=True)
+    assert 8 <= store.count() < 18
+    store.close()
+    with pytest.raises(ValueError, match="delta_dtype"):
+        resume(cut, overrides={"delta_dtype": "bfloat16"})  # that would change the candidates
+    resume(cut, overrides={"memory": "disk", "delta_cache": str(tmp_path / "cache")})
+    resumed, hashes = final_state(cut)
+    assert (tmp_path / "cache").is_dir() and len(hashes) == len(set(hashes)) == 18
+    for got, want in zip(resumed, reference):
+        assert (got == want).all() if hasattr(got, "all") else got == want
