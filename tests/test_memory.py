@@ -284,9 +284,10 @@ def test_dfs_pool_members_share_what_the_engine_holds(zoo_models, tmp_path, poli
 def test_a_search_resumed_under_another_policy_follows_the_same_trajectory(zoo, tmp_path):
     """Killed under ``device``, resumed under ``disk``: the same genomes, fitness and best as one
     uninterrupted ``device`` run (the policy changes where inputs live, never a bit of a candidate)."""
+    from test_search import experiment, final_state, run_cli
+
     from evomerge.runstore import RunStore
     from evomerge.search import resume, start
-    from test_search import experiment, final_state, run_cli
 
     experiment(zoo, tmp_path, budget={"evaluations": 18}, memory="device")
     reference, _ = final_state(start(tmp_path / "exp.yaml", tmp_path / "ref"))

@@ -187,7 +187,7 @@ class MergeEngine:
         """The policy, why it was chosen, and the bytes this engine holds on the device, in private
         host memory and in page cache shared with the node's other workers, with the peaks."""
         nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)
-        model = nbytes({t.data_ptr(): t for t in self._targets.values()}.values()) if self.model is not None else 0
+        model = nbytes({t.data_ptr(): t for t in self._targets.values()}.values())
         held = self.resident_bytes() if self.cache is None else 0
         staging = nbytes([t for slot in self._staging for t in slot])
         on_device = model + staging + (held if self._home == self.device else 0)
@@ -210,7 +210,7 @@ class MergeEngine:
         """Hand the current candidate over (e.g. a PS merge joining a DFS pool) without copying it;
         the engine allocates a fresh model only if it is asked to materialize again."""
         model = self.model if self.model is not None else self._new_model()
-        self.model = None
+        self.model, self._targets = None, {}  # keep no reference: the new owner decides its lifetime
         return model
 
     @torch.no_grad()
