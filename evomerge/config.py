@@ -282,6 +282,27 @@ class Experiment(Strict):
     # hand recipes reported beside the search (default: the uniform merge, task arithmetic at weight 1,
     # TIES and DARE-TIES at density 0.5 and weight 1); [] for none
     references: list[Reference] = Field(default_factory=lambda: list(DEFAULT_REFERENCES))
+    # Where each worker's merge engine holds the base and task vectors (evomerge.merge.residency):
+    # auto | device | host | disk; the budget is a fraction of the device's memory (<= 1) or a size
+    # ("20GB"); task vectors may be held in a lower precision than the arithmetic (delta_dtype);
+    # delta_cache is the local folder of the disk policy's shared cache (default ~/.cache/evomerge/deltas).
+    memory: Literal["auto", "device", "host", "disk"] = "auto"
+    memory_budget: Union[float, str] = 0.75
+    delta_dtype: Optional[Literal["float32", "float16", "bfloat16", "float64"]] = None
+    delta_cache: Optional[str] = None
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _memory_budget(cls, v: Union[float, str]) -> Union[float, str]:
+        from evomerge.merge.residency import budget_fraction_or_bytes
+
+        budget_fraction_or_bytes(v)  # MemorySettingError (a ValueError) names memory_budget
+        return v
+
+    def memory_settings(self) -> dict[str, Any]:
+        """What the workers' engines receive (plain data: it crosses to Ray actors)."""
+        return {"policy": self.memory, "budget": self.memory_budget, "delta_dtype": self.delta_dtype,
+                "cache_dir": self.delta_cache}
 
     @model_validator(mode="after")
     def _consistent(self) -> "Experiment":

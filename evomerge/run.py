@@ -35,7 +35,9 @@ from evomerge.searchers import Searcher, make_searcher, searcher_class
 from evomerge.spaces import Genome, PSGenome, build_space, genome_seed
 from evomerge.workers import Pool, Task, open_pool, run_tasks
 
-RESUMABLE_OVERRIDES = frozenset({"address", "workers", "gpus_per_worker"})
+# where the work runs may change on resume (a requeued job gets new nodes), and how the engine holds
+# its inputs; not delta_dtype, which changes the candidates
+RESUMABLE_OVERRIDES = frozenset({"address", "workers", "gpus_per_worker", "memory", "memory_budget", "delta_cache"})
 
 
 class RunExists(ValueError):
@@ -103,7 +105,8 @@ class Job:
             kwargs = dict(models=self.paths, base=exp.base_model, base_dir=self.exp_dir,
                           benchmarks={"fitness": {o.name: o.benchmark for o in exp.fitness.objectives},
                                       "test": {o.name: o.benchmark for o in exp.fitness.test}},
-                          device=exp.device, dtype=exp.dtype, allow_pickle=exp.allow_pickle)
+                          device=exp.device, dtype=exp.dtype, allow_pickle=exp.allow_pickle,
+                          memory=exp.memory_settings())
             self._pool = open_pool(kwargs, workers=exp.workers, address=exp.address,
                                    gpus_per_worker=exp.gpus_per_worker)
         return self._pool

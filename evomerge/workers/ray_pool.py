@@ -1,7 +1,7 @@
-"""Workers as Ray actors: the ``Pool`` of ``evomerge.pool`` spread over GPUs, CPU cores or a cluster.
+"""Workers as Ray actors: the ``Pool`` of ``evomerge.workers.pool`` spread over GPUs, CPU cores or a cluster.
 
-Each actor wraps one :class:`~evomerge.worker.Worker`: it owns a device (a GPU, a fraction of one, or
-a few CPU threads), loads the sources once and then receives :class:`~evomerge.pool.Task` s (a
+Each actor wraps one :class:`~evomerge.workers.worker.Worker`: it owns a device (a GPU, a fraction of one, or
+a few CPU threads), loads the sources once and then receives :class:`~evomerge.workers.pool.Task` s (a
 recipe and item ids, a few KB), never weights. The driver keeps the ask/tell loop and the run store;
 actors only return results.
 
@@ -464,7 +464,7 @@ class RayPool:
         """Queue ``task``; it starts as soon as a worker has room. Returns its ticket."""
         self._check_open()
         if not isinstance(task, Task):
-            raise TypeError(f"submit() takes an evomerge.pool.Task, got {type(task).__name__}")
+            raise TypeError(f"submit() takes an evomerge.workers.Task, got {type(task).__name__}")
         ticket = self._next_ticket
         self._next_ticket += 1
         self._tasks[ticket] = task

@@ -7,7 +7,6 @@ store: it returns results and the driver records them.
 
 from __future__ import annotations
 
-import copy
 import os
 import socket
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from evomerge.evaluate.base import EvalContext, ItemResponses
 from evomerge.evaluate.registry import make_evaluator, run_fitness
@@ -58,13 +57,14 @@ class Worker:
 
     def __init__(self, models: Mapping[str, str | Path], base: str, benchmarks: Mapping[str, Mapping[str, dict]],
                  base_dir: str | Path | None = None, device: str = "auto", dtype: str | None = None,
-                 allow_pickle: bool = False, threads: int | None = None, name: str | None = None):
+                 allow_pickle: bool = False, threads: int | None = None, name: str | None = None,
+                 memory: Mapping[str, Any] | str | None = None):
         if threads:
             torch.set_num_threads(threads)
         self.device = resolve_device(device)
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{self.device}"
         # the engine resolves each model once (a hub id is fetched there): read paths and dtype from it
-        self.engine = MergeEngine(models, base, self.device, as_dtype(dtype), allow_pickle)
+        self.engine = MergeEngine(models, base, self.device, as_dtype(dtype), allow_pickle, memory=memory)
         self.tokenizer = AutoTokenizer.from_pretrained(self.engine.sources.paths[base])
         self.evaluators = {s: {n: make_evaluator(spec, base_dir) for n, spec in specs.items()}
                            for s, specs in benchmarks.items()}
@@ -72,13 +72,14 @@ class Worker:
 
     # -- data-flow candidates ---------------------------------------------------------------
     def set_pool_member(self, name: str, merge: MergeConfig | None = None) -> None:
-        """Make ``name`` available to layer plans: a source (loaded once) or a PS merge (a frozen
-        copy of the engine's model after materializing ``merge``)."""
+        """Make ``name`` available to layer plans: a source (sharing what the engine holds, see
+        ``MergeEngine.source_model``) or a PS merge (the engine's model itself after materializing
+        ``merge``, handed over: held once, not copied)."""
         if merge is not None:
-            self._pool[name] = copy.deepcopy(self.engine.materialize(merge)).eval()
+            self.engine.materialize(merge)
+            self._pool[name] = self.engine.detach_model().eval()
         elif name not in self._pool:
-            self._pool[name] = AutoModelForCausalLM.from_pretrained(
-                self.engine.sources.paths[name], dtype=self.engine.dtype).to(self.device).eval()
+            self._pool[name] = self.engine.source_model(name, next(iter(self._pool.values()), None))
 
     def _model(self, recipe: Recipe) -> torch.nn.Module:
         if recipe.plan is not None:
@@ -131,4 +132,5 @@ class Worker:
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "device": str(self.device), "resident_bytes": self.engine.resident_bytes(),
-                "tensors": self.engine.tensor_names, "num_layers": self.engine.num_layers}
+                "tensors": self.engine.tensor_names, "num_layers": self.engine.num_layers,
+                "memory": self.engine.memory_info()}
