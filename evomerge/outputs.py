@@ -102,7 +102,7 @@ def write_outputs(run_dir: Path, exp: Experiment, phases: list[PhaseResult], obj
                   chosen: Mapping[str, Recipe], test: Mapping[str, Mapping[str, Any]],
                   util: Mapping[str, Mapping[str, float]], console: Console,
                   hand: Mapping[str, Mapping[str, Any]] | None = None,
-                  items: Mapping[str, int] | None = None) -> Path:
+                  items: Mapping[str, int] | None = None, memory: Sequence[Mapping[str, Any]] = ()) -> Path:
     """test_results.json, summary.json, each phase's history and plots, report.md; the test table printed."""
     final = phases[-1]
     (run_dir / "test_results.json").write_text(json.dumps(test, indent=1))
@@ -116,9 +116,10 @@ def write_outputs(run_dir: Path, exp: Experiment, phases: list[PhaseResult], obj
         "hand_recipes_fitness": {n: h.get("fitness") for n, h in (hand or {}).items()},
         "exported_hand_recipe": final.exported_hand_recipe,
         "items_scored": dict(items or {}),
+        "memory": [dict(m) for m in memory],
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
-    _write_report(run_dir, exp, sections, test, util, chosen, final, hand or {})
+    _write_report(run_dir, exp, sections, test, util, chosen, final, hand or {}, memory)
     _print_test(console, exp, test, run_dir)
     return run_dir
 
@@ -158,7 +159,7 @@ def _phase_section(run_dir: Path, ph: PhaseResult, objectives: Objectives, estim
 
 def _write_report(run_dir: Path, exp: Experiment, sections: list[str], test: Mapping[str, Mapping[str, Any]],
                   util: Mapping[str, Mapping[str, float]], chosen: Mapping[str, Recipe], final: PhaseResult,
-                  hand: Mapping[str, Mapping[str, Any]]) -> None:
+                  hand: Mapping[str, Mapping[str, Any]], memory: Sequence[Mapping[str, Any]] = ()) -> None:
     names = [n for o in exp.fitness.test for n in o.names]
     lines = [f"# evomerge run: {exp.name}", "",
              f"Models: {', '.join(f'{k} ({v})' for k, v in exp.models.items())}; base `{exp.base_model}`. "
@@ -181,6 +182,17 @@ def _write_report(run_dir: Path, exp: Experiment, sections: list[str], test: Map
     lines += ["", "## Workers", "", "| worker | busy s | wall s | busy / wall |", "|---|---|---|---|"]
     for w, u in util.items():
         lines.append(f"| {w} | {u['busy_s']:.1f} | {u['wall_s']:.1f} | {u['busy_s'] / max(u['wall_s'], 1e-9):.2f} |")
+    if memory:
+        gib = lambda m, k: f"{m.get(k, 0) / 2**30:.2f}"
+        lines += ["", "## Memory per worker", "",
+                  "Bytes the merge engine holds (policy `memory:`; shared: the disk policy's delta cache, mapped "
+                  "once per node) and the process's resident set, in GiB.", "",
+                  "| worker | policy | device | host | shared | peak device | peak RSS | why this policy |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for m in memory:
+            lines.append(f"| {m.get('worker', '')} | {m.get('policy', '')} | {gib(m, 'device_bytes')} | "
+                         f"{gib(m, 'host_bytes')} | {gib(m, 'shared_bytes')} | {gib(m, 'peak_device_bytes')} | "
+                         f"{gib(m, 'peak_rss_bytes')} | {m.get('reason', '')} |")
     lines += ["", "## Outputs", ""]
     for n in chosen:
         lines.append(f"- `{n}/`: Hugging Face checkpoint with tokenizer; recipe beside it "

@@ -295,8 +295,9 @@ class Job:
         checked = sum(min(4, len(v)) for which in ("fitness", "test") for v in self.item_ids(which).values()
                       if v is not None)
         items = outputs.items_scored(self.run_dir, phases, full_items, len(hand), checked)
+        memory = [info.get("memory", {}) | {"worker": info.get("name", "")} for info in self.pool.broadcast("info")]
         outputs.write_outputs(self.run_dir, exp, phases, self.objectives, chosen, test, self.pool.utilization(),
-                              self.console, hand, items)
+                              self.console, hand, items, memory)
 
     def score_test(self, recipes: Mapping[str, Recipe]) -> dict[str, dict[str, Any]]:
         """Full evaluation on the held-out test benchmarks, which the search never saw."""

@@ -91,6 +91,9 @@ def test_search_writes_checkpoint_recipe_history_plots_report(zoo, tmp_path):
     assert store.count() == 24
     best_fitness = max(e.fitness for e in store.evaluations())
     summary = json.loads((run_dir / "summary.json").read_text())
+    memory = summary["memory"][0]  # what the worker's engine holds, and why that policy
+    assert memory["policy"] in ("device", "disk") and memory["device_bytes"] > 0 and memory["reason"]
+    assert "## Memory per worker" in (run_dir / "report.md").read_text()
     hand = summary["hand_recipes_fitness"]
     assert set(hand) == set(test) - {"best", "base", "rev", "sort", "tr"} and all(v is not None for v in hand.values())
     if summary["exported_hand_recipe"]:  # a hand recipe scored higher than the search: it is what was exported
