@@ -66,12 +66,48 @@ def _bernoulli_mask(probs: Tensor | float, like: Tensor, generator: Gen) -> Tens
 
 
 def _kth_largest(values: Tensor, k: int) -> Tensor:
-    """The k-th largest entry of a 1-D tensor: numpy's introselect on CPU (O(n), about 20x faster
-    than ``torch.topk`` here), ``topk`` on accelerators."""
-    if values.device.type == "cpu":
-        arr = values.numpy()
-        return torch.tensor(np.partition(arr, arr.size - k)[arr.size - k], dtype=values.dtype)
-    return torch.topk(values, k, sorted=False).values.min()
+    """The k-th largest entry of a 1-D CPU tensor by numpy's introselect (O(n), about 20x faster
+    than a full sort)."""
+    arr = values.numpy()
+    return torch.tensor(np.partition(arr, arr.size - k)[arr.size - k], dtype=values.dtype)
+
+
+def _magnitudes(delta: Tensor) -> Tensor:
+    """``|delta|`` flattened, in the dtype mergekit ranks it in: float32 on CPU (so float64 and
+    bf16 deltas are ranked on their float32 magnitudes, ties included), the tensor's own dtype on
+    an accelerator."""
+    w = delta.abs().reshape(-1)
+    return w.float() if w.device.type == "cpu" else w
+
+
+def top_k_mask(delta: Tensor, k: int) -> Tensor:
+    """A flat bool mask of the ``k`` entries mergekit 0.1.5's ``magnitude`` keeps, ties included.
+
+    mergekit keeps ``torch.argsort(|delta|, descending=True)[:k]``. That sort is not stable: among
+    entries tied at the k-th magnitude (common with AdamW deltas, which come in multiples of one
+    step) it keeps the ones its introsort happens to place first, which is neither index order nor
+    any rule a selection algorithm could reproduce. So the mask is taken from that same sort, on
+    the same float32 magnitudes, whenever the choice among tied entries matters; only when every
+    entry tied at the threshold is kept (no choice to make) does the O(n) selection decide alone.
+
+    Guarantee: on CPU the kept set equals mergekit's exactly (same torch build: the sort is
+    deterministic for a given input). On CUDA the same ``torch.argsort`` runs on the device in the
+    tensor's dtype, as in mergekit, so it equals mergekit run on that device with the same delta
+    values; the choice among ties then follows torch's CUDA sort and may differ from the CPU's.
+    In every case exactly ``k`` entries are kept and every entry strictly above the k-th magnitude
+    is among them.
+    """
+    w = _magnitudes(delta)
+    if w.device.type == "cpu":
+        threshold = _kth_largest(w, k)
+        at_least = w >= threshold
+        if int(at_least.sum()) == k:  # no tie straddles the cut
+            return at_least
+    mask = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
+    mask[torch.argsort(w, descending=True)[:k]] = True
+    return mask
+
+
 PerModel = dict[str, list[float]]  # per-model parameter -> one value per row of the stack
 Globals = dict[str, Any]
 
@@ -107,19 +143,14 @@ def _rescaled(delta: Tensor, mask: Tensor, rescale: bool, eps: float = 1e-7) -> 
 
 
 def magnitude(delta: Tensor, density: float, rescale: bool, generator: Gen = None) -> Tensor:
-    """TIES pruning: keep the ``max(1, int(density * numel))`` largest ``|delta|`` of the tensor."""
+    """TIES pruning: keep the ``max(1, int(density * numel))`` largest ``|delta|`` of the tensor,
+    choosing among tied magnitudes exactly as mergekit does (see ``top_k_mask``)."""
     if density >= 1:
         return delta
     if delta.numel() == 0:
         return torch.zeros_like(delta)
-    flat = delta.abs().reshape(-1)
-    k = max(1, int(density * flat.numel()))
-    threshold = _kth_largest(flat, k)
-    mask = flat > threshold
-    short = k - int(mask.sum())
-    if short > 0:  # entries equal to the threshold fill the remaining places, in index order
-        mask[torch.nonzero(flat == threshold).reshape(-1)[:short]] = True
-    return _rescaled(delta, mask.view_as(delta).to(delta.dtype), rescale)
+    k = max(1, int(density * delta.numel()))
+    return _rescaled(delta, top_k_mask(delta, k).view_as(delta).to(delta.dtype), rescale)
 
 
 def bernoulli(delta: Tensor, density: float, rescale: bool, generator: Gen = None) -> Tensor:
@@ -142,7 +173,7 @@ def magnitude_outliers(
     n = delta.numel()
     keep, top = int(density * n), int(gamma * n)
     bottom = max(0, n - keep - top)
-    order = torch.argsort(delta.abs().reshape(-1))
+    order = torch.argsort(_magnitudes(delta))  # mergekit's (unstable) sort: the same ties kept
     mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
     mask[order[bottom : bottom + keep]] = 1
     return _rescaled(delta, mask.view_as(delta), rescale)
