@@ -105,9 +105,10 @@ class MergeEngine:
         unknown = [m for m in inputs.inputs if m not in self.names]
         if unknown:
             raise MergeError(f"recipe names models {unknown} that the engine does not hold ({self.names})")
-        if method.inputs == "deltas":
+        deltas_in = method.takes_deltas(inputs.base is not None)
+        if deltas_in:
             rows = [self.others.index(m) for m in inputs.inputs]
-        else:  # linear: the base (if an input) is the reference; the others enter as deltas
+        else:  # linear & co: the base (if an input) is the reference; the others enter as deltas
             rows = [self.others.index(m) for m in inputs.inputs if m != self.base_name]
         whole = rows == list(range(len(self.others)))
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
@@ -118,7 +119,14 @@ class MergeEngine:
                 continue
             per_model, glob = tensor_params(recipe, method, inputs, name, self.num_layers)
             stack = self.deltas[name] if whole else self.deltas[name].index_select(0, index)
-            if method.inputs == "deltas":
+            if not deltas_in and method.name != "linear":  # karcher, passthrough, baseless (nu/multi)slerp
+                full = [self.base[name] if m == self.base_name else None for m in inputs.inputs]
+                it = iter(stack)
+                tensors = torch.stack([f if f is not None else (self.base[name].float() + next(it).float())
+                                       .to(self.dtype) for f in full])
+                base = self.base[name] if inputs.base is not None else None
+                merge_tensor(method, base, tensors, per_model, glob, None, out=target)
+            elif deltas_in:
                 gen = None
                 if method.randomized:
                     gen = FastRng(tensor_seed(recipe.evomerge.seed, name), self.device)

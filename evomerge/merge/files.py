@@ -43,7 +43,7 @@ def merge_to_disk(config: MergeConfig, out: str | Path, *, allow_pickle: bool = 
                 raw = {n: t.to(work_dtype) for n, t in raw.items()}
             per_model, glob = tensor_params(config, method, inputs, name, num_layers)
             base = raw[config.base_model] if config.base_model else None
-            if method.inputs == "deltas":
+            if method.takes_deltas(base is not None):
                 stack = torch.stack([raw[m].float() - base.float() for m in inputs.inputs]).to(base.dtype)
             else:
                 stack = torch.stack([raw[m] for m in inputs.inputs])

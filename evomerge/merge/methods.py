@@ -21,6 +21,8 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 import numpy as np
 import torch
 
+from evomerge.merge import more_methods as mm
+
 Tensor = torch.Tensor
 
 
@@ -118,12 +120,35 @@ class MergeMethod:
 
     name: str
     fn: Callable[..., Tensor]  # fn(base, stack, model_params, global_params, generator), validated
-    inputs: Literal["deltas", "tensors"]
+    # what the stack holds: task vectors ("deltas"), the models' tensors ("tensors"), or task
+    # vectors when a base is given and tensors when not ("optional": nuslerp, multislerp)
+    inputs: Literal["deltas", "tensors", "optional"]
     needs_base: bool
     model_params: Mapping[str, float | None]
     global_params: Mapping[str, Any]
     randomized: bool
     blockwise: bool = False  # fn takes inputs in their storage dtype and computes block by block
+    stack_size: tuple[int, int | None] = (0, None)  # (min, max) rows of the stack; None: no maximum
+
+    def accepts(self, n: int) -> bool:
+        """Whether ``n`` models (besides the base where it takes task vectors) are allowed."""
+        lo, hi = self.stack_size
+        return n >= lo and (hi is None or n <= hi)
+
+    def count_phrase(self) -> str:
+        """How many models it merges, in words, for error messages."""
+        lo, hi = self.stack_size
+        lo = max(lo, 1)
+        num = "one" if lo == 1 else str(lo)
+        want = f"exactly {num}" if lo == hi else f"at least {num}" if hi is None else f"{lo} to {hi}"
+        noun = "model" if lo == 1 else "models"
+        if self.inputs == "tensors":
+            return f"{want} {noun}"
+        return f"the base with {want} other {noun}" if self.needs_base else f"{want} {noun} besides any base"
+
+    def takes_deltas(self, has_base: bool) -> bool:
+        """Whether the stack holds task vectors (x_i - base) for a merge with / without a base."""
+        return self.inputs == "deltas" or (self.inputs == "optional" and has_base)
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,7 +419,7 @@ METHODS: dict[str, MergeMethod] = {
     m.name: m
     for m in (
         MergeMethod("linear", _linear, "tensors", False, MappingProxyType({"weight": None}),
-                    MappingProxyType({"normalize": True}), False, blockwise=True),
+                    MappingProxyType({"normalize": True}), False, blockwise=True, stack_size=(1, None)),
         _ta_method("task_arithmetic", None, sign=False, normalize=False, rescale=False),
         _ta_method("ties", magnitude, sign=True, normalize=True, rescale=False),
         _ta_method("dare_ties", bernoulli, sign=True, normalize=False, rescale=True),
@@ -405,9 +430,29 @@ METHODS: dict[str, MergeMethod] = {
         _ta_method("della", della_magprune, sign=True, normalize=True, rescale=True, epsilon=0.15),
         _ta_method("della_linear", della_magprune, sign=False, normalize=False, rescale=True, epsilon=0.15),
         MergeMethod("slerp", _slerp, "deltas", True, MappingProxyType({}),
-                    MappingProxyType({"t": None}), False),
+                    MappingProxyType({"t": None}), False, stack_size=(1, 1)),
         MergeMethod("model_stock", _model_stock, "deltas", True, MappingProxyType({}),
-                    MappingProxyType({"filter_wise": False}), False),
+                    MappingProxyType({"filter_wise": False}), False, stack_size=(2, None)),
+        # mergekit 0.1.5's newer methods (evomerge/merge/more_methods.py)
+        MergeMethod("nuslerp", mm.nuslerp, "optional", False, MappingProxyType({"weight": None}),
+                    MappingProxyType({"nuslerp_row_wise": False, "nuslerp_flatten": True}), False,
+                    stack_size=(2, 2)),
+        MergeMethod("multislerp", mm.multislerp, "optional", False, MappingProxyType({"weight": None}),
+                    MappingProxyType({"normalize_weights": True, "eps": 1e-8}), False, stack_size=(1, None)),
+        MergeMethod("karcher", mm.karcher, "tensors", False, MappingProxyType({}),
+                    MappingProxyType({"max_iter": 10, "tol": 1e-5}), False, stack_size=(1, None)),
+        MergeMethod("sce", mm.sce, "deltas", True, MappingProxyType({}),
+                    MappingProxyType({"int8_mask": False, "select_topk": 1.0}), False),
+        MergeMethod("ram", mm.ram, "deltas", True, MappingProxyType({}),
+                    MappingProxyType({"epsilon": 1e-5}), False),
+        MergeMethod("ramplus_tl", mm.ramplus_tl, "deltas", True, MappingProxyType({}),
+                    MappingProxyType({"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}), False),
+        MergeMethod("nearswap", mm.nearswap, "deltas", True, MappingProxyType({}),
+                    MappingProxyType({"t": None}), False, stack_size=(1, 1)),
+        MergeMethod("arcee_fusion", mm.arcee_fusion, "deltas", True, MappingProxyType({}),
+                    MappingProxyType({}), False, stack_size=(1, 1)),
+        MergeMethod("passthrough", mm.passthrough, "tensors", False, MappingProxyType({"scale": 1.0}),
+                    MappingProxyType({}), False, stack_size=(1, 1)),
     )
 }
 
@@ -509,8 +554,8 @@ def merge_tensor(
         raise ValueError(
             f"{method.name}: base has shape {tuple(base.shape)} but the stack holds {tuple(stack.shape[1:])}"
         )
-    if method.inputs == "tensors" and k == 0:
-        raise ValueError(f"{method.name} needs at least one model")
+    if not method.accepts(k):
+        raise ValueError(f"{method.name} merges {method.count_phrase()}; got {k}")
     mp = _check_model_params(method, model_params, k)
     gp = _check_global_params(method, global_params)
     if method.randomized:

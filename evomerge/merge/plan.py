@@ -61,7 +61,7 @@ def merge_inputs(config: MergeConfig, method: MergeMethod) -> MergeInputs:
     tensors (linear) takes every listed model and the base too when it is not listed."""
     listed = [m.model for m in config.models]
     base = config.base_model
-    if method.inputs == "deltas":
+    if method.inputs != "tensors":
         return MergeInputs(base, [m for m in listed if m != base])
     return MergeInputs(base, listed + ([base] if base and base not in listed else []))
 
@@ -138,10 +138,19 @@ def check_recipe(config: MergeConfig) -> tuple[MergeMethod, MergeInputs]:
     inputs = merge_inputs(config, method)
     if not inputs.inputs:
         raise MergeError("no model to merge besides the base; list at least one other model")
-    if method.name == "slerp" and len(inputs.inputs) != 1:
-        raise MergeError(f"slerp merges the base with exactly one other model; got {len(inputs.inputs)} "
-                         "besides the base")
+    check_count(method, len(inputs.inputs), "")
     return method, inputs
+
+
+def check_count(method: MergeMethod, n: int, where: str) -> None:
+    """mergekit's input contract: how many models a method merges (besides the base, for the
+    methods that take task vectors)."""
+    if method.accepts(n):
+        return
+    hint = ""
+    if method.name == "passthrough":
+        hint = "; passthrough copies one model per tensor (use slices: for layers of several; drop base_model)"
+    raise MergeError(f"{method.name} merges {method.count_phrase()}{where}; got {n}{hint}")
 
 
 def _check_architectures(sources: Sources, names: list[str]) -> None:
