@@ -99,6 +99,9 @@ class MergeEngine:
     @torch.no_grad()
     def materialize(self, recipe: MergeConfig) -> PreTrainedModel:
         """Write the merge described by ``recipe`` into the engine's model and return it."""
+        if recipe.slices:
+            raise MergeError("the in-memory engine merges 'models:' recipes into the base's architecture; a "
+                             "'slices:' merge changes the layers: write it with `evomerge merge` (merge_to_disk)")
         method, inputs = check_recipe(recipe)
         if inputs.base is not None and inputs.base != self.base_name:
             raise MergeError(f"recipe base_model '{inputs.base}' is not the engine's base '{self.base_name}'")
