@@ -33,8 +33,8 @@ class SliceSource(BaseModel):
     @field_validator("layer_range")
     @classmethod
     def _range(cls, v: tuple[int, int]) -> tuple[int, int]:
-        if not 0 <= v[0] < v[1]:
-            raise ValueError(f"layer_range {list(v)} must be [start, end) with 0 <= start < end")
+        if not 0 <= v[0] <= v[1]:  # an empty range is allowed, as in mergekit: its slice adds no
+            raise ValueError(f"layer_range {list(v)} must be [start, end) with 0 <= start <= end")  # layer
         return v
 
 
