@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 import yaml
+from test_mergekit_compat import assert_same, load_dir, mergekit_yaml
 
 from evomerge.dfs import LayerPlan, merge_plan_to_disk
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.files import merge_to_disk
 from evomerge.merge.plan_to_mergekit import plan_to_mergekit
-from test_mergekit_compat import assert_same, load_dir, mergekit_yaml
 
 # host tr, whose layers the plan never runs; repeated layers; a run of rev 0-1 at one scale
 HOPS = [("rev", 0, 1.0), ("rev", 1, 1.0), ("base", 1, 1.2), ("base", 1, 0.9), ("sort", 2, 1.0),

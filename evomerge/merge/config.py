@@ -13,6 +13,8 @@ from typing import Any, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from evomerge.merge.tokenizer import TokenizerBlock
+
 ParamSetting = Union[float, int, bool, str, list[Any], dict[str, Any]]
 
 
@@ -85,6 +87,7 @@ class MergeConfig(BaseModel):
     dtype: Optional[str] = None
     out_dtype: Optional[str] = None
     tokenizer_source: Optional[str] = None
+    tokenizer: Optional[TokenizerBlock] = None
     chat_template: Optional[str] = None
     evomerge: EvomergeExtras = Field(default_factory=EvomergeExtras)
 
@@ -92,11 +95,13 @@ class MergeConfig(BaseModel):
     @classmethod
     def _no_slices(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            for key in ("modules", "tokenizer"):
+            for key in ("modules",):
                 if key in data:
                     raise ValueError(
                         f"'{key}:' is not supported by evomerge merge; write the merge with 'models:' or "
                         "'slices:'")
+            if data.get("tokenizer") is not None and data.get("tokenizer_source") is not None:
+                raise ValueError("give either tokenizer_source: or a tokenizer: block, not both (mergekit's rule)")
             if bool(data.get("models")) == bool(data.get("slices")):
                 raise ValueError("give exactly one of 'models:' (whole models) or 'slices:' (layer ranges); "
                                  "at least one model to merge")
@@ -108,6 +113,13 @@ class MergeConfig(BaseModel):
         if v is not None and v not in DTYPES:
             raise ValueError(f"dtype '{v}' is not one of {sorted(DTYPES)}")
         return v
+
+    def tokenizer_settings(self) -> tuple[str | None, dict, int | None]:
+        """(source, tokens, pad_to_multiple_of) from tokenizer_source or the tokenizer: block;
+        source None means the base's tokenizer files are copied and vocabularies must agree."""
+        if self.tokenizer is not None:
+            return self.tokenizer.source, dict(self.tokenizer.tokens or {}), self.tokenizer.pad_to_multiple_of
+        return self.tokenizer_source, {}, None
 
     def model_names(self) -> list[str]:
         """Every referenced model, base first, without repeats."""

@@ -13,12 +13,13 @@ from typing import Callable, Iterator
 
 import torch
 
-from evomerge.checkpoint import TensorReader, copy_tokenizer, write_sharded
+from evomerge.checkpoint import TensorReader, copy_tokenizer, resolve_model_path, write_sharded
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.engine import as_dtype, tensor_seed
 from evomerge.merge.methods import FastRng, merge_tensor
-from evomerge.merge.plan import MergeError, Sources, check_config, job_params
+from evomerge.merge.plan import Sources, check_config, job_params
 from evomerge.merge.slices import output_config, output_reference, plan_jobs
+from evomerge.merge.tokenizer import VOCAB_NAMES, build_tokenizer, output_vocab_size, vocab_rows
 
 
 def merge_to_disk(config: MergeConfig, out: str | Path, *, allow_pickle: bool = False,
@@ -31,6 +32,16 @@ def merge_to_disk(config: MergeConfig, out: str | Path, *, allow_pickle: bool = 
     num_layers = {m: sources.num_layers(m) for m in config.model_names()}
     jobs = plan_jobs(config, {m: list(sources.index[m]) for m in config.model_names()}, num_layers)
     readers = {n: TensorReader(sources.paths[n], allow_pickle) for n in config.model_names()}
+    tok_source, tok_tokens, pad_to = config.tokenizer_settings()
+    tok_info = None
+    if tok_source is not None:
+        names = config.model_names()
+        src = "base" if tok_source == "base" else "union" if tok_source == "union" else tok_source
+        paths = dict(sources.paths)
+        if src not in ("base", "union") and src not in paths:
+            paths[src] = resolve_model_path(src)
+        tok_info = build_tokenizer(config.base_model or names[0], names, src, paths,
+                                   {m: sources.configs[m].get("vocab_size") for m in names}, list(tok_tokens))
     work_dtype = as_dtype(config.dtype)
     out_dtype = as_dtype(config.out_dtype or config.dtype)
 
@@ -43,6 +54,8 @@ def merge_to_disk(config: MergeConfig, out: str | Path, *, allow_pickle: bool = 
                 continue
             if work_dtype is not None:
                 raw = {n: t.to(work_dtype) for n, t in raw.items()}
+            if tok_info is not None and any(v in job.name for v in VOCAB_NAMES):
+                raw = vocab_rows(tok_info, raw, job.base, tok_tokens, pad_to)
             deltas_in = method.takes_deltas(job.base is not None)
             inputs = job.inputs(deltas_in)
             per_model, glob = job_params(method, job, inputs)
@@ -69,11 +82,12 @@ def merge_to_disk(config: MergeConfig, out: str | Path, *, allow_pickle: bool = 
     if dtype_name:
         cfg["dtype"] = dtype_name
         cfg.pop("torch_dtype", None)
+    if tok_info is not None:
+        cfg["vocab_size"] = output_vocab_size(tok_info, pad_to)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    tok_src = config.tokenizer_source or "base"
-    if tok_src == "union":
-        raise MergeError("tokenizer_source 'union' is not supported; use 'base' or a model path")
-    tok_path = sources.paths.get(ref) if tok_src == "base" else Sources.inspect([tok_src]).paths[tok_src]
-    copy_tokenizer(tok_path, out)
+    if tok_info is not None:
+        tok_info.tokenizer.save_pretrained(str(out))
+    else:
+        copy_tokenizer(sources.paths[ref], out)
     (out / "mergekit_config.yml").write_text(config.to_yaml())
     return out

@@ -16,6 +16,7 @@ from evomerge.merge.config import MergeConfig
 from evomerge.merge.methods import MergeMethod, get_method
 from evomerge.merge.params import evaluate_setting, layer_index, layer_t
 from evomerge.merge.slices import TensorJob, plan_jobs
+from evomerge.merge.tokenizer import VOCAB_NAMES
 
 
 class MergeError(ValueError):
@@ -126,7 +127,8 @@ def check_config(config: MergeConfig, sources: Sources) -> tuple[MergeMethod, Me
             job_params(method, job, job.inputs(method.takes_deltas(job.base is not None)))
         return method, inputs
     ref = config.base_model or inputs.inputs[0]
-    for name in _tensor_names(sources, config.model_names(), ref):
+    aligned = config.tokenizer_settings()[0] is not None
+    for name in _tensor_names(sources, config.model_names(), ref, aligned):
         tensor_params(config, method, inputs, name, sources.num_layers(ref))
     return method, inputs
 
@@ -149,7 +151,10 @@ def check_jobs(config: MergeConfig, method: MergeMethod, sources: Sources) -> li
                 raise MergeError(f"'{m}' has no tensor {job.sources[m]} (needed for output {job.name})")
             shapes[m] = info.shape
         if len(set(shapes.values())) > 1:
-            raise MergeError(f"output {job.name}: source tensors differ in shape {shapes}")
+            vocab = any(v in job.name for v in VOCAB_NAMES)
+            if vocab and config.tokenizer_settings()[0] is not None and len({s[1:] for s in shapes.values()}) == 1:
+                continue
+            raise MergeError(f"output {job.name}: source tensors differ in shape {shapes}{VOCAB_HINT if vocab else ''}")
     return jobs
 
 
@@ -222,8 +227,13 @@ def _check_architectures(sources: Sources, names: list[str]) -> None:
                              "models of different architectures)")
 
 
-def _tensor_names(sources: Sources, names: list[str], ref: str) -> list[str]:
-    """The reference model's tensor names, after checking every model has them with one shape."""
+VOCAB_HINT = (" (vocabulary sizes differ: merge the tokenizers with 'tokenizer_source: union' (or base, or a "
+              "model), or a 'tokenizer: {source: ...}' block, so rows are matched by token string)")
+
+
+def _tensor_names(sources: Sources, names: list[str], ref: str, vocab_aligned: bool = False) -> list[str]:
+    """The reference model's tensor names, after checking every model has them with one shape
+    (vocabulary-indexed tensors excepted when a tokenizer merge aligns them: ``vocab_aligned``)."""
     ref_index = sources.index[ref]
     for n in names:
         idx = sources.index[n]
@@ -235,10 +245,10 @@ def _tensor_names(sources: Sources, names: list[str], ref: str) -> list[str]:
                              f"{extra[:5]}{'...' if len(extra) > 5 else ''}")
         for t, info in ref_index.items():
             if idx[t].shape != info.shape:
-                hint = ""
-                if "embed" in t or "lm_head" in t or "wte" in t:
-                    hint = (" (vocabulary sizes differ: evomerge does not truncate or permute "
-                            "vocabularies; resize the embeddings of both to one tokenizer first)")
+                vocab = any(v in t for v in VOCAB_NAMES)
+                if vocab and vocab_aligned and idx[t].shape[1:] == info.shape[1:]:
+                    continue
+                hint = VOCAB_HINT if vocab else ""
                 raise MergeError(f"tensor {t} has shape {idx[t].shape} in '{n}' but {info.shape} in "
                                  f"'{ref}'{hint}")
     return list(ref_index)
