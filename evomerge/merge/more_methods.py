@@ -15,6 +15,7 @@ identical below 1M entries, the exact quantile the sample estimates above.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -50,18 +51,44 @@ def nuslerp_pair(t: float, v0: Tensor, v1: Tensor, row_wise: bool, flatten: bool
     return result.reshape(shape)
 
 
+def _gram(stack: Tensor) -> Tensor:
+    """Pairwise dot products of the stacked tensors (k x k, float64): one BLAS pass over the stack."""
+    flat = stack.reshape(stack.shape[0], -1)
+    return (flat @ flat.T).double()
+
+
+def _combine(base: Tensor | None, stack: Tensor, coefs: Tensor) -> Tensor:
+    """``base + sum_i coefs[i] * stack[i]`` (no base: just the sum), in the stack's dtype."""
+    out = torch.tensordot(coefs.to(stack.dtype), stack, dims=1)
+    return out if base is None else out.add_(base)
+
+
 def nuslerp(base: Tensor | None, stack: Tensor, model_params: PerModel, global_params: Globals,
             generator: Any = None) -> Tensor:
     """NuSLERP: exactly two models, t = w_1 / (w_0 + w_1) (0.5 when the weights sum to ~0); with a
-    base, slerp of the two task vectors added to the base; without, slerp of the tensors."""
+    base, slerp of the two task vectors added to the base; without, slerp of the tensors.
+
+    Flattened (the default), slerp is c0 v0 + c1 v1 with two scalars that depend only on the norms
+    and the dot product, so it is computed from the 2 x 2 Gram matrix and one weighted sum instead
+    of full-size unit vectors (mergekit's arithmetic, reordered: equal up to float rounding)."""
     if stack.shape[0] != 2:
         raise ValueError(f"nuslerp merges exactly two models besides the base; got {stack.shape[0]}")
     w = model_params["weight"]
     total = sum(w)
     t = 0.5 if abs(total) < 1e-6 else w[1] / total
-    merged = nuslerp_pair(t, stack[0], stack[1], bool(global_params["nuslerp_row_wise"]),
-                          bool(global_params["nuslerp_flatten"]))
-    return merged if base is None else base + merged
+    row_wise, flatten = bool(global_params["nuslerp_row_wise"]), bool(global_params["nuslerp_flatten"])
+    if not flatten:
+        merged = nuslerp_pair(t, stack[0], stack[1], row_wise, flatten)
+        return merged if base is None else base + merged
+    g = _gram(stack)
+    n0, n1 = g[0, 0].sqrt().clamp(min=1e-7), g[1, 1].sqrt().clamp(min=1e-7)
+    cos = (g[0, 1] / (n0 * n1)).clamp(-1, 1)
+    if float(1 - cos * cos) <= 1e-16:
+        coefs = torch.tensor([1 - t, t], dtype=torch.float64)
+    else:
+        theta = torch.acos(cos)
+        coefs = torch.stack([torch.sin((1 - t) * theta), torch.sin(t * theta)]) / torch.sin(theta)
+    return _combine(base, stack, coefs)
 
 
 def multislerp(base: Tensor | None, stack: Tensor, model_params: PerModel, global_params: Globals,
@@ -69,31 +96,34 @@ def multislerp(base: Tensor | None, stack: Tensor, model_params: PerModel, globa
     """Multi-SLERP: barycentric interpolation on the hypersphere. Unit vectors (norm + eps) are
     averaged with the weights (normalised to sum 1 by default), projected on the tangent space at
     that mean, combined there, mapped back by the exponential map and scaled by the weighted mean
-    norm. One model: that model. A zero mean: lerp for two models, an error for more."""
+    norm. One model: that model. A zero mean: lerp for two models, an error for more.
+
+    Every step is a linear combination of the inputs with scalar coefficients that depend only on
+    their Gram matrix, so the coefficients are computed in float64 from the k x k Gram matrix and
+    the result is one weighted sum (mergekit builds full-size unit and tangent vectors: the same
+    arithmetic, equal up to float rounding)."""
     eps = float(global_params["eps"])
-    if stack.shape[0] == 1:
+    k = stack.shape[0]
+    if k == 1:
         return stack[0].clone() if base is None else base + stack[0]
-    flat = stack.reshape(stack.shape[0], -1)
-    weights = torch.tensor(model_params["weight"], dtype=stack.dtype, device=stack.device)
+    weights = torch.tensor(model_params["weight"], dtype=torch.float64)
     if global_params["normalize_weights"]:
         weights = weights / weights.sum()
-    norms = torch.norm(flat, dim=-1, keepdim=True)
-    units = flat / (norms + eps)
-    mean = (units * weights.view(-1, 1)).sum(0)
-    mean_norm = torch.norm(mean)
+    g = _gram(stack)
+    norms = g.diagonal().clamp(min=0).sqrt()
+    a = weights / (norms + eps)  # mean_raw = sum a_i x_i
+    mean_norm = float((a @ g @ a).clamp(min=0).sqrt())
     if mean_norm < eps:
-        if stack.shape[0] == 2:
-            res = (stack[0] * weights[0] + stack[1] * weights[1]).view(stack.shape[1:])
-            return res if base is None else res + base
+        if k == 2:
+            return _combine(base, stack, weights)
         raise ValueError("multislerp: the weighted sum of the inputs is zero (antipodal inputs whose weights "
                          "balance exactly); change the weights")
-    mean = mean / mean_norm
-    dots = (units * mean).sum(-1, keepdim=True)
-    tangent = ((units - dots * mean) * weights.view(-1, 1)).sum(0)
-    tangent_norm = torch.norm(tangent) + eps
-    result = mean * torch.cos(tangent_norm) + tangent * (torch.sin(tangent_norm) / tangent_norm)
-    result = (result * (norms.squeeze(-1) * weights).sum()).view(stack.shape[1:])
-    return result if base is None else result + base
+    mean = a / mean_norm  # coefficients of the unit mean
+    dots = (g @ mean) / (norms + eps)  # u_i . mean
+    tangent = a - (weights * dots).sum() * mean  # sum w_i (u_i - dots_i mean)
+    tangent_norm = float((tangent @ g @ tangent).clamp(min=0).sqrt()) + eps
+    coefs = mean * math.cos(tangent_norm) + tangent * (math.sin(tangent_norm) / tangent_norm)
+    return _combine(base, stack, coefs * (norms * weights).sum())
 
 
 def karcher(base: Tensor | None, stack: Tensor, model_params: PerModel, global_params: Globals,
@@ -101,42 +131,48 @@ def karcher(base: Tensor | None, stack: Tensor, model_params: PerModel, global_p
     """Karcher (Riemannian) mean of all inputs, equal weights, on the unit sphere: start from the
     normalised weighted mean of the unit vectors, take up to ``max_iter`` exponential-map steps
     along the mean log-map, stop when the step is below ``tol``; scale by the mean input norm.
-    Inputs with norm <= tol are left out of the direction (not of the scale)."""
+    Inputs with norm <= tol are left out of the direction (not of the scale).
+
+    Every iterate is a combination of the unit inputs, so the iteration runs on its k coefficients
+    with the inputs' Gram matrix (float64), and the result is one weighted sum: mergekit's steps
+    and stopping rules, without its k full-size vectors per step (equal up to float rounding)."""
     n = stack.shape[0]
     if n == 1:
         return stack[0].clone()
     max_iter, tol = int(global_params["max_iter"]), float(global_params["tol"])
-    alphas = [1.0 / n] * n
-    norms = [torch.linalg.vector_norm(x) for x in stack]
-    units = [torch.zeros_like(x) if float(nm) == 0.0 else x / nm for x, nm in zip(stack, norms)]
-    valid = [i for i, nm in enumerate(norms) if float(nm) > tol]
+    alphas = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    g = _gram(stack)
+    norms = g.diagonal().clamp(min=0).sqrt()
+    valid = [i for i in range(n) if float(norms[i]) > tol]
     if not valid:
         return torch.zeros_like(stack[0])
-    alpha_sum = sum(alphas[i] for i in valid)
-    a = [alphas[i] / alpha_sum for i in valid]
-    u = [units[i] for i in valid]
-    mean = torch.zeros_like(u[0])
-    for ai, ui in zip(a, u):
-        mean += ai * ui
-    mean_norm = torch.linalg.vector_norm(mean)
-    mean = u[0].clone() if float(mean_norm) < tol else mean / mean_norm
+    v = torch.tensor(valid)
+    gu = g[v][:, v] / (norms[v, None] * norms[None, v])  # Gram matrix of the valid unit vectors
+    a = alphas[v] / alphas[v].sum()
+    sq = lambda c: float((c @ gu @ c).clamp(min=0).sqrt())  # noqa: E731 - norm of sum c_i u_i
+    mean_norm = sq(a)
+    c = torch.eye(len(valid), dtype=torch.float64)[0] if mean_norm < tol else a / mean_norm
     for _ in range(max_iter):
-        tangent = torch.zeros_like(mean)
-        for ai, ui in zip(a, u):
-            dot = torch.clamp(torch.dot(mean.flatten(), ui.flatten()), -1.0, 1.0)
-            theta = torch.arccos(dot)
-            if float(theta) < tol:
+        tangent = torch.zeros_like(c)
+        dots = (gu @ c).clamp(-1.0, 1.0)  # mean . u_i
+        for j in range(len(valid)):
+            theta = math.acos(float(dots[j]))
+            if theta < tol:
                 continue
-            tangent += ai * (theta / torch.sin(theta)) * (ui - dot * mean)
-        tangent_norm = torch.linalg.vector_norm(tangent)
-        if float(tangent_norm) < tol:
+            step = torch.zeros_like(c)
+            step[j] = 1.0
+            tangent += float(a[j]) * (theta / math.sin(theta)) * (step - dots[j] * c)
+        tangent_norm = sq(tangent)
+        if tangent_norm < tol:
             break
-        mean = torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)
-        unit_norm = torch.linalg.vector_norm(mean)
-        if float(unit_norm) > tol:
-            mean = mean / unit_norm
-    scale = sum(ai * nm for ai, nm in zip(alphas, norms))
-    return scale * mean
+        c = math.cos(tangent_norm) * c + math.sin(tangent_norm) * (tangent / tangent_norm)
+        unit_norm = sq(c)
+        if unit_norm > tol:
+            c = c / unit_norm
+    scale = float((alphas * norms).sum())
+    coefs = torch.zeros(n, dtype=torch.float64)
+    coefs[v] = scale * c / norms[v]
+    return _combine(None, stack, coefs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,10 +276,11 @@ def nearswap(base: Tensor, deltas: Tensor, model_params: PerModel, global_params
 
 def _quantile_threshold(scores: Tensor) -> Tensor:
     """median + 1.5 IQR of ``scores``, quantiles read by index ``int(q * (n - 1))`` of the sorted
-    values (mergekit's ``approximate_quantiles``, exact here at every size)."""
-    ordered, _ = torch.sort(scores.reshape(-1))
-    idx = (torch.tensor([0.25, 0.5, 0.75]) * (ordered.numel() - 1)).long().to(ordered.device)
-    q1, median, q3 = ordered[idx]
+    values (mergekit's ``approximate_quantiles``, exact here at every size). Three O(n) selections
+    (``kthvalue``) give the same order statistics as mergekit's full sort."""
+    flat = scores.reshape(-1)
+    idx = (torch.tensor([0.25, 0.5, 0.75]) * (flat.numel() - 1)).long().tolist()
+    q1, median, q3 = (torch.kthvalue(flat, i + 1).values for i in idx)
     return median + 1.5 * (q3 - q1)
 
 
