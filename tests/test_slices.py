@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from test_mergekit_compat import assert_same, load_dir, run_both
 from transformers import AutoModelForCausalLM
 
@@ -53,6 +54,12 @@ def test_passthrough_frankenmerge_repeating_layers_equals_mergekit(zoo_models, t
     torch.testing.assert_close(ours["lm_head.weight"], rev["lm_head.weight"])  # last slice's
     model = AutoModelForCausalLM.from_pretrained(out)
     assert len(model.model.layers) == 8
+    # the recipe written beside the weights is a slices: YAML both tools read back
+    again = MergeConfig.from_yaml(out / "mergekit_config.yml")
+    assert again.slices == MergeConfig.model_validate(cfg).slices
+    from mergekit.config import MergeConfiguration
+
+    assert len(MergeConfiguration.model_validate(yaml.safe_load((out / "mergekit_config.yml").read_text())).slices) == 3
     assert torch.isfinite(model(torch.tensor([[1, 5, 7, 9]])).logits).all()
 
 

@@ -149,7 +149,10 @@ def karcher(base: Tensor | None, stack: Tensor, model_params: PerModel, global_p
     v = torch.tensor(valid)
     gu = g[v][:, v] / (norms[v, None] * norms[None, v])  # Gram matrix of the valid unit vectors
     a = alphas[v] / alphas[v].sum()
-    sq = lambda c: float((c @ gu @ c).clamp(min=0).sqrt())  # noqa: E731 - norm of sum c_i u_i
+
+    def sq(c: Tensor) -> float:  # the norm of sum_i c_i u_i
+        return float((c @ gu @ c).clamp(min=0).sqrt())
+
     mean_norm = sq(a)
     c = torch.eye(len(valid), dtype=torch.float64)[0] if mean_norm < tol else a / mean_norm
     for _ in range(max_iter):
