@@ -59,3 +59,17 @@ def test_mergekit_on_the_yaml_equals_evomerge_dfs_export(zoo_models, tmp_path):
     # and evomerge merge reads the same YAML to the same tensors
     again = merge_to_disk(MergeConfig.from_yaml(path), tmp_path / "evomerge")
     assert_same(load_dir(again), a, "evomerge merge of the mergekit YAML")
+
+
+def test_gpt2_plan_with_its_residual_writes(tmp_path):
+    """GPT-2 names its residual writes attn.c_proj / mlp.c_proj (evomerge.dfs.RESIDUAL_WRITES)."""
+    from conftest import make_tiny
+
+    a, b = make_tiny("gpt2", tmp_path / "a", 0), make_tiny("gpt2", tmp_path / "b", 1)
+    plan = LayerPlan("a", [("b", 0), ("a", 1), ("b", 2), ("b", 2)], [1.0, 1.3, 0.9, 1.1],
+                     {"a": str(a), "b": str(b)}).to_dict()
+    ours = merge_plan_to_disk(plan, tmp_path / "dfs")
+    path = tmp_path / "plan_mergekit.yml"
+    path.write_text(yaml.safe_dump(plan_to_mergekit(plan, residual_writes=("attn.c_proj", "mlp.c_proj"))))
+    mergekit_yaml(path, tmp_path / "mergekit")
+    assert_same(load_dir(ours), load_dir(tmp_path / "mergekit"), "gpt2 dfs as mergekit")
