@@ -99,3 +99,16 @@ def test_different_vocabularies_without_a_tokenizer_merge_are_refused(two_vocabs
         merge_to_disk(MergeConfig.model_validate(cfg), tmp_path / "x")
     with pytest.raises(ValueError, match="not both"):
         MergeConfig.model_validate({**cfg, "tokenizer_source": "union", "tokenizer": {"source": "base"}})
+
+
+def test_union_in_a_frankenmerge_equals_mergekit(two_vocabs, tmp_path):
+    """Slices and a tokenizer union together: embeddings from rev+ (first slice), head from sort
+    (last slice), whose rows for rev+'s extra tokens mergekit fills with zeros."""
+    rev, sort = str(two_vocabs["rev+"]), str(two_vocabs["sort"])
+    cfg = {"merge_method": "passthrough", "base_model": str(two_vocabs["base"]), "tokenizer_source": "union",
+           "slices": [{"sources": [{"model": rev, "layer_range": [0, 3]}]},
+                      {"sources": [{"model": sort, "layer_range": [1, 4]}]}]}
+    ours, theirs = run_both(cfg, tmp_path, "franken-union")
+    assert_same(ours, theirs, "frankenmerge + union")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "franken-union-evomerge")
+    assert torch.count_nonzero(ours["lm_head.weight"][tok.get_vocab()["AB"]]) == 0
