@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -23,6 +24,7 @@ from evomerge.config import Experiment, Reference
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.dfs_export import merge_plan_to_disk
 from evomerge.merge.files import merge_to_disk
+from evomerge.merge.plan_to_mergekit import LLAMA_WRITES, WRITES_BY_MODEL_TYPE, plan_to_mergekit
 from evomerge.objectives import Objectives
 from evomerge.recipe import Recipe, hand_recipe, single_model, with_paths
 from evomerge.runstore import Evaluation, RunStore
@@ -52,6 +54,13 @@ def export_recipe(recipe: Recipe, out: Path, paths: Mapping[str, Path], allow_pi
     if recipe.plan is not None:
         (out.parent / f"{out.name}.layer_plan.yml").write_text(recipe.plan.to_yaml())
         merge_plan_to_disk(out.parent / f"{out.name}.layer_plan.yml", out, allow_pickle=allow_pickle)
+        if all(isinstance(recipe.plan.models.get(m), str) for m in recipe.plan.members()):
+            # the same plan for mergekit: a passthrough slices: config with the scales folded in (members
+            # that are merges of their own, as in PS+DFS, have no folder mergekit could read)
+            model_type = json.loads((out / "config.json").read_text()).get("model_type", "")
+            writes = WRITES_BY_MODEL_TYPE.get(model_type, LLAMA_WRITES)
+            config = plan_to_mergekit(recipe.plan.to_dict(), residual_writes=writes)
+            (out.parent / f"{out.name}.mergekit.yml").write_text(yaml.safe_dump(config, sort_keys=False))
         return out
     if recipe.merge is None:
         raise ValueError("a recipe needs a merge config, a layer plan, or both")

@@ -10,6 +10,7 @@ counting each resident input once and the output once) against a memcpy measured
 
     python scripts/bench_merge.py                 # zoo + a ~300M-parameter model
     python scripts/bench_merge.py --skip-large --reps 20
+    python scripts/bench_merge.py --new-methods   # the newer methods vs task_arithmetic and mergekit
 """
 
 from __future__ import annotations
@@ -168,6 +169,108 @@ def to_markdown(rows: list[dict], memcpy: float, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+# --------------------------------------------------------------------------------------------------
+# mergekit 0.1.5's newer methods: engine vs mergekit's Python API, and each against task_arithmetic
+
+
+NEW_METHODS = {
+    "task_arithmetic": METHODS["task_arithmetic"],
+    "nuslerp": lambda names: {"merge_method": "nuslerp", "base_model": names[0], "models": [
+        {"model": n, "parameters": {"weight": w}} for n, w in zip(names[1:3], (0.4, 0.6))]},
+    "multislerp": lambda names: {"merge_method": "multislerp", "base_model": names[0], "models": [
+        {"model": n, "parameters": {"weight": [0.3, 0.6]}} for n in names[1:]]},
+    "karcher": lambda names: {"merge_method": "karcher", "base_model": names[0], "models": [
+        {"model": n} for n in names[1:]]},
+    "sce": lambda names: {"merge_method": "sce", "base_model": names[0], "parameters": {"select_topk": 0.5},
+                          "models": [{"model": n} for n in names[1:]]},
+    "nearswap": lambda names: {"merge_method": "nearswap", "base_model": names[0], "parameters": {"t": 0.001},
+                               "models": [{"model": names[1]}]},
+    "arcee_fusion": lambda names: {"merge_method": "arcee_fusion", "base_model": names[0],
+                                   "models": [{"model": names[1]}]},
+    "passthrough": lambda names: {"merge_method": "passthrough", "models": [
+        {"model": names[1], "parameters": {"scale": [{"filter": "o_proj", "value": 0.8}]}}]},
+    "ram": lambda names: {"merge_method": "ram", "base_model": names[0], "parameters": {"epsilon": 5e-4},
+                          "models": [{"model": n} for n in names[1:]]},
+    "ramplus_tl": lambda names: {"merge_method": "ramplus_tl", "base_model": names[0],
+                                 "parameters": {"epsilon": 5e-4}, "models": [{"model": n} for n in names[1:]]},
+}
+
+
+def top_ops(engine: MergeEngine, recipe: MergeConfig, k: int = 3) -> str:
+    """What dominates one candidate: the ``k`` torch ops with the most self CPU time, with shares."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        engine.materialize(recipe)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    return ", ".join(f"{e.key} {100 * e.self_cpu_time_total / total:.0f}%" for e in events[:k])
+
+
+def file_config(cfg: dict, paths: dict[str, Path], dtype: torch.dtype | None) -> dict:
+    out = {**cfg, "models": [{**m, "model": str(paths[m["model"]])} for m in cfg["models"]]}
+    if "base_model" in cfg:
+        out["base_model"] = str(paths[cfg["base_model"]])
+    if dtype is not None:
+        out["dtype"] = str(dtype).replace("torch.", "")
+    return out
+
+
+def bench_new_methods(label: str, paths: dict[str, Path], reps: int, mk_reps: int, work: Path,
+                      dtype: torch.dtype | None) -> list[dict]:
+    """Seconds per candidate for each new method (engine, mergekit API), the engine's ratio to its
+    own task_arithmetic, and for methods over 3x that, the ops that dominate."""
+    names = list(paths)
+    engine = MergeEngine(paths, base=names[0], dtype=dtype)
+    n_params = sum(p.numel() for p in engine.model.parameters())
+    print(f"\n== new methods, {label}: {n_params / 1e6:.1f}M parameters x {len(names)} models, {engine.dtype}")
+    rows, ta = [], None
+    for method, make in NEW_METHODS.items():
+        cfg = make(names)
+        recipe = MergeConfig.model_validate(cfg)
+        ours = time_engine(engine, recipe, reps)
+        ta = ours if method == "task_arithmetic" else ta
+        row = {"set": label, "method": method, "engine_s": ours, "vs_ta": ours / ta if ta else 1.0}
+        row["mergekit_api_s"] = time_mergekit_api(file_config(cfg, paths, dtype), work / "api-out", mk_reps)
+        if row["vs_ta"] > 3:
+            row["dominant"] = top_ops(engine, recipe)
+        rows.append(row)
+        print(f"{method:16s} engine {ours * 1e3:9.1f} ms ({row['vs_ta']:6.1f}x task_arithmetic) | mergekit API "
+              f"{row['mergekit_api_s']:7.2f} s ({row['mergekit_api_s'] / ours:6.1f}x)"
+              + (f" | dominant: {row['dominant']}" if "dominant" in row else ""), flush=True)
+    del engine
+    return rows
+
+
+def new_methods_markdown(rows: list[dict], command: str) -> str:
+    lines = [f"Command: `{command}`", "",
+             "| model | method | engine | vs task_arithmetic | mergekit API | mergekit / engine | dominant ops (>3x) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['set']} | {r['method']} | {r['engine_s'] * 1e3:.1f} ms | {r['vs_ta']:.1f}x | "
+                     f"{r['mergekit_api_s']:.2f} s | {r['mergekit_api_s'] / r['engine_s']:.0f}x | "
+                     f"{r.get('dominant', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main_new_methods(args: argparse.Namespace) -> None:
+    from evomerge.zoo import ensure_zoo
+
+    zoo = ensure_zoo()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        rows += bench_new_methods("zoo (fp32)", {"base": zoo.base, **zoo.experts}, args.reps, args.mergekit_reps,
+                                  work, None)
+        if not args.skip_large:
+            dtype = getattr(torch, args.large_dtype)
+            paths = make_large(work / "large", args.large_hidden, args.large_layers, 3, dtype)
+            rows += bench_new_methods(f"llama {args.large_hidden}x{args.large_layers} ({args.large_dtype})", paths,
+                                      max(2, args.reps // 4), 1, work, dtype)
+    if args.markdown:
+        args.markdown.write_text(new_methods_markdown(rows, "python " + " ".join(sys.argv)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=10)
@@ -177,8 +280,13 @@ def main() -> None:
     ap.add_argument("--large-layers", type=int, default=16)
     ap.add_argument("--large-dtype", default="bfloat16")
     ap.add_argument("--markdown", type=Path, help="also write the table to this file")
+    ap.add_argument("--new-methods", action="store_true",
+                    help="time mergekit 0.1.5's newer methods (nuslerp ... ramplus_tl) against task_arithmetic")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.new_methods:
+        main_new_methods(args)
+        return
     memcpy = memcpy_bandwidth()
     print(f"memcpy bandwidth (read + write): {memcpy / 1e9:.2f} GB/s; torch threads {torch.get_num_threads()}")
     from evomerge.zoo import ensure_zoo

@@ -111,7 +111,7 @@ def test_source_genomes_reproduce_each_model(engine, zoo_models, preset):
     sources = ["tr"] if space.method == "slerp" else ["rev", "sort", "tr"]
     g = PSGenome(space, "base", sources, engine.tensor_names, engine.num_layers)
     starts = g.source_genomes()
-    if space.method == "slerp":  # t = 0 / 1 are the two models, but slerp is not a sum of deltas
+    if space.method not in PSGenome.SOURCE_METHODS:  # slerp, multislerp, sce: no exact single-model genome
         assert starts == {}
         return
     assert set(starts) == {"base", "rev", "sort", "tr"}
@@ -122,3 +122,29 @@ def test_source_genomes_reproduce_each_model(engine, zoo_models, preset):
         got = engine.model.state_dict()
         for t, w in want.items():
             torch.testing.assert_close(got[t], w, rtol=0, atol=1e-6, msg=f"{preset.stem}: {name} {t}")
+
+
+@pytest.mark.parametrize("preset", ["ps_sce_layers", "ps_multislerp_layers"])
+def test_new_method_presets_run_under_cma_es_and_equal_mergekit(engine, zoo_models, tmp_path, preset):
+    """A CMA-ES population over the preset decodes to recipes the engine merges as mergekit does."""
+    cma = pytest.importorskip("cmaes")
+    from merge_configs import with_paths
+    from safetensors.torch import load_file
+
+    space = load_space(str(Path(__file__).resolve().parent.parent / "search_spaces" / f"{preset}.yaml"), Path("."))
+    g = PSGenome(space, "base", ["rev", "sort", "tr"], engine.tensor_names, engine.num_layers)
+    assert g.dim == {"ps_sce_layers": 3 * 4, "ps_multislerp_layers": 3 * (4 + 1)}[preset]
+    opt = cma.CMA(mean=g.x0, sigma=0.2, bounds=np.stack([g.lower, g.upper], axis=1), seed=3, population_size=4)
+    xs = [opt.ask() for _ in range(opt.population_size)]
+    opt.tell([(x, float(np.sum(x))) for x in xs])  # any fitness: the loop runs
+    cfg = g.decode(xs[0]).merge
+    merged = {k: v.detach().clone() for k, v in engine.materialize(cfg).state_dict().items()}
+    mergekit = pytest.importorskip("mergekit.merge")
+    from mergekit.config import MergeConfiguration
+
+    data = with_paths(yaml.safe_load(cfg.to_yaml()), zoo_models)
+    data.pop("evomerge", None)
+    mergekit.run_merge(MergeConfiguration.model_validate(data), str(tmp_path / "mk"),
+                       mergekit.MergeOptions(quiet=True, write_model_card=False))
+    for k, t in load_file(tmp_path / "mk" / "model.safetensors").items():
+        torch.testing.assert_close(merged[k], t, rtol=1e-5, atol=1e-6, msg=k)

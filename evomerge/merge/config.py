@@ -13,6 +13,8 @@ from typing import Any, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from evomerge.merge.tokenizer import TokenizerBlock
+
 ParamSetting = Union[float, int, bool, str, list[Any], dict[str, Any]]
 
 
@@ -22,22 +24,70 @@ class ModelEntry(BaseModel):
     parameters: dict[str, ParamSetting] = Field(default_factory=dict)
 
 
+class SliceSource(BaseModel):
+    """One model's layers ``[start, end)`` feeding an output slice (mergekit's InputSliceDefinition)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, ParamSetting] = Field(default_factory=dict)
+
+    @field_validator("layer_range")
+    @classmethod
+    def _range(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not 0 <= v[0] <= v[1]:  # an empty range is allowed, as in mergekit: its slice adds no
+            raise ValueError(f"layer_range {list(v)} must be [start, end) with 0 <= start <= end")  # layer
+        return v
+
+
+class OutputSlice(BaseModel):
+    """A run of output layers merged from equally long layer ranges of its sources. ``base_model``
+    overrides the top-level one for this slice; ``residual_weight`` is accepted and, as in mergekit
+    0.1.5, unused."""
+
+    model_config = ConfigDict(extra="forbid")
+    sources: list[SliceSource]
+    base_model: Optional[str] = None
+    residual_weight: Optional[float] = None
+    parameters: dict[str, ParamSetting] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _same_lengths(self) -> "OutputSlice":
+        if not self.sources:
+            raise ValueError("a slice needs at least one source: sources: [{model, layer_range}]")
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in self.sources}
+        if len(lengths) > 1:
+            raise ValueError(f"all sources of a slice must span the same number of layers; got layer_ranges "
+                             f"{[list(s.layer_range) for s in self.sources]}")
+        names = [s.model for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a model appears twice among one slice's sources ({names}); use two slices")
+        return self
+
+    @property
+    def num_layers(self) -> int:
+        return self.sources[0].layer_range[1] - self.sources[0].layer_range[0]
+
+
 class EvomergeExtras(BaseModel):
     model_config = ConfigDict(extra="forbid")
     seed: int = 0
 
 
 class MergeConfig(BaseModel):
-    """``models``, ``base_model``, ``merge_method``, ``parameters``, ``dtype``, ``tokenizer_source``."""
+    """``models`` or ``slices``, ``base_model``, ``merge_method``, ``parameters``, ``dtype``,
+    ``tokenizer_source``."""
 
     model_config = ConfigDict(extra="forbid")
     merge_method: str
-    models: list[ModelEntry]
+    models: list[ModelEntry] = Field(default_factory=list)
+    slices: Optional[list[OutputSlice]] = None
     base_model: Optional[str] = None
     parameters: dict[str, ParamSetting] = Field(default_factory=dict)
     dtype: Optional[str] = None
     out_dtype: Optional[str] = None
     tokenizer_source: Optional[str] = None
+    tokenizer: Optional[TokenizerBlock] = None
     chat_template: Optional[str] = None
     evomerge: EvomergeExtras = Field(default_factory=EvomergeExtras)
 
@@ -45,19 +95,17 @@ class MergeConfig(BaseModel):
     @classmethod
     def _no_slices(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            for key in ("slices", "modules", "tokenizer"):
+            for key in ("modules",):
                 if key in data:
                     raise ValueError(
-                        f"'{key}:' is not supported by evomerge merge; write the merge with 'models:' "
-                        "(and a layer plan for layer stacking, see search_spaces/dfs*.yaml)")
+                        f"'{key}:' is not supported by evomerge merge; write the merge with 'models:' or "
+                        "'slices:'")
+            if data.get("tokenizer") is not None and data.get("tokenizer_source") is not None:
+                raise ValueError("give either tokenizer_source: or a tokenizer: block, not both (mergekit's rule)")
+            if bool(data.get("models")) == bool(data.get("slices")):
+                raise ValueError("give exactly one of 'models:' (whole models) or 'slices:' (layer ranges); "
+                                 "at least one model to merge")
         return data
-
-    @field_validator("models")
-    @classmethod
-    def _some_models(cls, v: list[ModelEntry]) -> list[ModelEntry]:
-        if not v:
-            raise ValueError("'models:' is empty; list at least one model to merge")
-        return v
 
     @field_validator("dtype", "out_dtype")
     @classmethod
@@ -66,10 +114,20 @@ class MergeConfig(BaseModel):
             raise ValueError(f"dtype '{v}' is not one of {sorted(DTYPES)}")
         return v
 
+    def tokenizer_settings(self) -> tuple[str | None, dict, int | None]:
+        """(source, tokens, pad_to_multiple_of) from tokenizer_source or the tokenizer: block;
+        source None means the base's tokenizer files are copied and vocabularies must agree."""
+        if self.tokenizer is not None:
+            return self.tokenizer.source, dict(self.tokenizer.tokens or {}), self.tokenizer.pad_to_multiple_of
+        return self.tokenizer_source, {}, None
+
     def model_names(self) -> list[str]:
         """Every referenced model, base first, without repeats."""
         names = [self.base_model] if self.base_model else []
-        return names + [m.model for m in self.models if m.model not in names]
+        listed = [m.model for m in self.models]
+        for sl in self.slices or []:
+            listed += ([sl.base_model] if sl.base_model else []) + [s.model for s in sl.sources]
+        return names + [m for i, m in enumerate(listed) if m not in names and m not in listed[:i]]
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "MergeConfig":
@@ -81,7 +139,14 @@ class MergeConfig(BaseModel):
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json", exclude_defaults=True)
         data["merge_method"] = self.merge_method
-        data["models"] = [m.model_dump(mode="json", exclude_defaults=True) for m in self.models]
+        if self.slices:
+            data.pop("models", None)
+            data["slices"] = [sl.model_dump(mode="json", exclude_defaults=True) for sl in self.slices]
+            for sl in data["slices"]:
+                for src in sl["sources"]:
+                    src["layer_range"] = list(src["layer_range"])
+        else:
+            data["models"] = [m.model_dump(mode="json", exclude_defaults=True) for m in self.models]
         if self.evomerge.seed:
             data["evomerge"] = {"seed": self.evomerge.seed}
         return yaml.dump(data, Dumper=_FlowListDumper, sort_keys=False)

@@ -243,6 +243,9 @@ class MergeEngine:
     @torch.no_grad()
     def materialize(self, recipe: MergeConfig) -> PreTrainedModel:
         """Write the merge described by ``recipe`` into the engine's model and return it."""
+        if recipe.slices:
+            raise MergeError("the in-memory engine merges 'models:' recipes into the base's architecture; a "
+                             "'slices:' merge changes the layers: write it with `evomerge merge` (merge_to_disk)")
         method, inputs = check_recipe(recipe)
         if inputs.base is not None and inputs.base != self.base_name:
             raise MergeError(f"recipe base_model '{inputs.base}' is not the engine's base '{self.base_name}'")
@@ -251,9 +254,10 @@ class MergeEngine:
             raise MergeError(f"recipe names models {unknown} that the engine does not hold ({self.names})")
         model = self.model if self.model is not None else self._new_model()
         self.model = model
-        if method.inputs == "deltas":
+        deltas_in = method.takes_deltas(inputs.base is not None)
+        if deltas_in:
             rows = [self.others.index(m) for m in inputs.inputs]
-        else:  # linear: the base (if an input) is the reference; the others enter as deltas
+        else:  # linear & co: the base (if an input) is the reference; the others enter as deltas
             rows = [self.others.index(m) for m in inputs.inputs if m != self.base_name]
         whole = rows == list(range(len(self.others)))
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
@@ -266,7 +270,15 @@ class MergeEngine:
             stack = deltas if whole else deltas.index_select(0, index)
             if not whole:
                 self._peak_transient = max(self._peak_transient, stack.numel() * stack.element_size())
-            if method.inputs == "deltas":
+            if not deltas_in and method.name != "linear":  # karcher, passthrough, baseless (nu/multi)slerp
+                full = [base if m == self.base_name else None for m in inputs.inputs]
+                it = iter(stack)
+                tensors = torch.stack([f if f is not None else (base.float() + next(it).float()).to(self.dtype)
+                                       for f in full])
+                self._peak_transient = max(self._peak_transient, tensors.numel() * tensors.element_size())
+                merge_tensor(method, base if inputs.base is not None else None, tensors, per_model, glob, None,
+                             out=target)
+            elif deltas_in:
                 gen = None
                 if method.randomized:
                     gen = FastRng(tensor_seed(recipe.evomerge.seed, name), self.device)

@@ -13,11 +13,13 @@ from typing import Callable, Iterator
 
 import torch
 
-from evomerge.checkpoint import TensorReader, copy_tokenizer, write_sharded
+from evomerge.checkpoint import TensorReader, copy_tokenizer, resolve_model_path, write_sharded
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.engine import as_dtype, tensor_seed
 from evomerge.merge.methods import FastRng, merge_tensor
-from evomerge.merge.plan import MergeError, Sources, check_config, tensor_params
+from evomerge.merge.plan import Sources, check_config, job_params
+from evomerge.merge.slices import output_config, output_reference, plan_jobs
+from evomerge.merge.tokenizer import VOCAB_NAMES, build_tokenizer, output_vocab_size, vocab_rows
 
 
 def merge_to_disk(config: MergeConfig, out: str | Path, *, allow_pickle: bool = False,
@@ -26,48 +28,66 @@ def merge_to_disk(config: MergeConfig, out: str | Path, *, allow_pickle: bool = 
     """Validate ``config`` against the checkpoints' headers, then merge and write ``out``."""
     out = Path(out)
     sources = Sources.inspect(config.model_names(), allow_pickle)
-    method, inputs = check_config(config, sources)
-    ref = config.base_model or inputs.inputs[0]
-    num_layers = sources.num_layers(ref)
+    method, _ = check_config(config, sources)
+    num_layers = {m: sources.num_layers(m) for m in config.model_names()}
+    jobs = plan_jobs(config, {m: list(sources.index[m]) for m in config.model_names()}, num_layers)
     readers = {n: TensorReader(sources.paths[n], allow_pickle) for n in config.model_names()}
+    tok_source, tok_tokens, pad_to = config.tokenizer_settings()
+    tok_info = None
+    if tok_source is not None:
+        names = config.model_names()
+        src = "base" if tok_source == "base" else "union" if tok_source == "union" else tok_source
+        paths = dict(sources.paths)
+        if src not in ("base", "union") and src not in paths:
+            paths[src] = resolve_model_path(src)
+        tok_info = build_tokenizer(config.base_model or names[0], names, src, paths,
+                                   {m: sources.configs[m].get("vocab_size") for m in names}, list(tok_tokens))
     work_dtype = as_dtype(config.dtype)
     out_dtype = as_dtype(config.out_dtype or config.dtype)
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
-        for name in readers[ref].index:
-            raw = {n: readers[n].get(name, device) for n in [ref] + inputs.inputs}
-            if not raw[ref].is_floating_point():
-                yield name, raw[ref].cpu()
+        for job in jobs:
+            raw = {m: readers[m].get(job.sources[m], device) for m in job.order}
+            first = raw[job.order[0]]
+            if not first.is_floating_point():  # integer buffers: the first source's, as mergekit copies them
+                yield job.name, first.cpu()
                 continue
             if work_dtype is not None:
                 raw = {n: t.to(work_dtype) for n, t in raw.items()}
-            per_model, glob = tensor_params(config, method, inputs, name, num_layers)
-            base = raw[config.base_model] if config.base_model else None
-            if method.inputs == "deltas":
-                stack = torch.stack([raw[m].float() - base.float() for m in inputs.inputs]).to(base.dtype)
+            if tok_info is not None and any(v in job.name for v in VOCAB_NAMES):
+                raw = vocab_rows(tok_info, raw, job.base, tok_tokens, pad_to)
+            deltas_in = method.takes_deltas(job.base is not None)
+            inputs = job.inputs(deltas_in)
+            per_model, glob = job_params(method, job, inputs)
+            base = raw[job.base] if job.base is not None and job.base in raw else None
+            if deltas_in:
+                assert base is not None  # takes_deltas is true only with a base
+                stack = torch.stack([raw[m].float() - base.float() for m in inputs]).to(base.dtype)
             else:
-                stack = torch.stack([raw[m] for m in inputs.inputs])
+                stack = torch.stack([raw[m] for m in inputs])
             gen = None
             if method.randomized:
-                gen = FastRng(tensor_seed(config.evomerge.seed, name), device)
+                gen = FastRng(tensor_seed(config.evomerge.seed, job.name), device)
             merged = merge_tensor(method, base, stack, per_model, glob, gen)
             if out_dtype is not None:
                 merged = merged.to(out_dtype)
             if on_tensor:
-                on_tensor(name)
-            yield name, merged.cpu()
+                on_tensor(job.name)
+            yield job.name, merged.cpu()
 
     write_sharded(tensors(), out, max_shard_size)
-    cfg = dict(sources.configs[ref])
+    ref = output_reference(config)
+    cfg = output_config(config, sources.configs[ref], sources.configs, num_layers)
     dtype_name = config.out_dtype or config.dtype or cfg.get("dtype") or cfg.get("torch_dtype")
     if dtype_name:
         cfg["dtype"] = dtype_name
         cfg.pop("torch_dtype", None)
+    if tok_info is not None:
+        cfg["vocab_size"] = output_vocab_size(tok_info, pad_to)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    tok_src = config.tokenizer_source or "base"
-    if tok_src == "union":
-        raise MergeError("tokenizer_source 'union' is not supported; use 'base' or a model path")
-    tok_path = sources.paths.get(ref) if tok_src == "base" else Sources.inspect([tok_src]).paths[tok_src]
-    copy_tokenizer(tok_path, out)
+    if tok_info is not None:
+        tok_info.tokenizer.save_pretrained(str(out))
+    else:
+        copy_tokenizer(sources.paths[ref], out)
     (out / "mergekit_config.yml").write_text(config.to_yaml())
     return out

@@ -21,6 +21,8 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 import numpy as np
 import torch
 
+from evomerge.merge import more_methods as mm
+
 Tensor = torch.Tensor
 
 
@@ -66,12 +68,48 @@ def _bernoulli_mask(probs: Tensor | float, like: Tensor, generator: Gen) -> Tens
 
 
 def _kth_largest(values: Tensor, k: int) -> Tensor:
-    """The k-th largest entry of a 1-D tensor: numpy's introselect on CPU (O(n), about 20x faster
-    than ``torch.topk`` here), ``topk`` on accelerators."""
-    if values.device.type == "cpu":
-        arr = values.numpy()
-        return torch.tensor(np.partition(arr, arr.size - k)[arr.size - k], dtype=values.dtype)
-    return torch.topk(values, k, sorted=False).values.min()
+    """The k-th largest entry of a 1-D CPU tensor by numpy's introselect (O(n), about 20x faster
+    than a full sort)."""
+    arr = values.numpy()
+    return torch.tensor(np.partition(arr, arr.size - k)[arr.size - k], dtype=values.dtype)
+
+
+def _magnitudes(delta: Tensor) -> Tensor:
+    """``|delta|`` flattened, in the dtype mergekit ranks it in: float32 on CPU (so float64 and
+    bf16 deltas are ranked on their float32 magnitudes, ties included), the tensor's own dtype on
+    an accelerator."""
+    w = delta.abs().reshape(-1)
+    return w.float() if w.device.type == "cpu" else w
+
+
+def top_k_mask(delta: Tensor, k: int) -> Tensor:
+    """A flat bool mask of the ``k`` entries mergekit 0.1.5's ``magnitude`` keeps, ties included.
+
+    mergekit keeps ``torch.argsort(|delta|, descending=True)[:k]``. That sort is not stable: among
+    entries tied at the k-th magnitude (common with AdamW deltas, which come in multiples of one
+    step) it keeps the ones its introsort happens to place first, which is neither index order nor
+    any rule a selection algorithm could reproduce. So the mask is taken from that same sort, on
+    the same float32 magnitudes, whenever the choice among tied entries matters; only when every
+    entry tied at the threshold is kept (no choice to make) does the O(n) selection decide alone.
+
+    Guarantee: on CPU the kept set equals mergekit's exactly (same torch build: the sort is
+    deterministic for a given input). On CUDA the same ``torch.argsort`` runs on the device in the
+    tensor's dtype, as in mergekit, so it equals mergekit run on that device with the same delta
+    values; the choice among ties then follows torch's CUDA sort and may differ from the CPU's.
+    In every case exactly ``k`` entries are kept and every entry strictly above the k-th magnitude
+    is among them.
+    """
+    w = _magnitudes(delta)
+    if w.device.type == "cpu":
+        threshold = _kth_largest(w, k)
+        at_least = w >= threshold
+        if int(at_least.sum()) == k:  # no tie straddles the cut
+            return at_least
+    mask = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
+    mask[torch.argsort(w, descending=True)[:k]] = True
+    return mask
+
+
 PerModel = dict[str, list[float]]  # per-model parameter -> one value per row of the stack
 Globals = dict[str, Any]
 
@@ -82,12 +120,35 @@ class MergeMethod:
 
     name: str
     fn: Callable[..., Tensor]  # fn(base, stack, model_params, global_params, generator), validated
-    inputs: Literal["deltas", "tensors"]
+    # what the stack holds: task vectors ("deltas"), the models' tensors ("tensors"), or task
+    # vectors when a base is given and tensors when not ("optional": nuslerp, multislerp)
+    inputs: Literal["deltas", "tensors", "optional"]
     needs_base: bool
     model_params: Mapping[str, float | None]
     global_params: Mapping[str, Any]
     randomized: bool
     blockwise: bool = False  # fn takes inputs in their storage dtype and computes block by block
+    stack_size: tuple[int, int | None] = (0, None)  # (min, max) rows of the stack; None: no maximum
+
+    def accepts(self, n: int) -> bool:
+        """Whether ``n`` models (besides the base where it takes task vectors) are allowed."""
+        lo, hi = self.stack_size
+        return n >= lo and (hi is None or n <= hi)
+
+    def count_phrase(self) -> str:
+        """How many models it merges, in words, for error messages."""
+        lo, hi = self.stack_size
+        lo = max(lo, 1)
+        num = "one" if lo == 1 else str(lo)
+        want = f"exactly {num}" if lo == hi else f"at least {num}" if hi is None else f"{lo} to {hi}"
+        noun = "model" if lo == 1 else "models"
+        if self.inputs == "tensors":
+            return f"{want} {noun}"
+        return f"the base with {want} other {noun}" if self.needs_base else f"{want} {noun} besides any base"
+
+    def takes_deltas(self, has_base: bool) -> bool:
+        """Whether the stack holds task vectors (x_i - base) for a merge with / without a base."""
+        return self.inputs == "deltas" or (self.inputs == "optional" and has_base)
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,19 +168,14 @@ def _rescaled(delta: Tensor, mask: Tensor, rescale: bool, eps: float = 1e-7) -> 
 
 
 def magnitude(delta: Tensor, density: float, rescale: bool, generator: Gen = None) -> Tensor:
-    """TIES pruning: keep the ``max(1, int(density * numel))`` largest ``|delta|`` of the tensor."""
+    """TIES pruning: keep the ``max(1, int(density * numel))`` largest ``|delta|`` of the tensor,
+    choosing among tied magnitudes exactly as mergekit does (see ``top_k_mask``)."""
     if density >= 1:
         return delta
     if delta.numel() == 0:
         return torch.zeros_like(delta)
-    flat = delta.abs().reshape(-1)
-    k = max(1, int(density * flat.numel()))
-    threshold = _kth_largest(flat, k)
-    mask = flat > threshold
-    short = k - int(mask.sum())
-    if short > 0:  # entries equal to the threshold fill the remaining places, in index order
-        mask[torch.nonzero(flat == threshold).reshape(-1)[:short]] = True
-    return _rescaled(delta, mask.view_as(delta).to(delta.dtype), rescale)
+    k = max(1, int(density * delta.numel()))
+    return _rescaled(delta, top_k_mask(delta, k).view_as(delta).to(delta.dtype), rescale)
 
 
 def bernoulli(delta: Tensor, density: float, rescale: bool, generator: Gen = None) -> Tensor:
@@ -142,7 +198,7 @@ def magnitude_outliers(
     n = delta.numel()
     keep, top = int(density * n), int(gamma * n)
     bottom = max(0, n - keep - top)
-    order = torch.argsort(delta.abs().reshape(-1))
+    order = torch.argsort(_magnitudes(delta))  # mergekit's (unstable) sort: the same ties kept
     mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
     mask[order[bottom : bottom + keep]] = 1
     return _rescaled(delta, mask.view_as(delta), rescale)
@@ -363,7 +419,7 @@ METHODS: dict[str, MergeMethod] = {
     m.name: m
     for m in (
         MergeMethod("linear", _linear, "tensors", False, MappingProxyType({"weight": None}),
-                    MappingProxyType({"normalize": True}), False, blockwise=True),
+                    MappingProxyType({"normalize": True}), False, blockwise=True, stack_size=(1, None)),
         _ta_method("task_arithmetic", None, sign=False, normalize=False, rescale=False),
         _ta_method("ties", magnitude, sign=True, normalize=True, rescale=False),
         _ta_method("dare_ties", bernoulli, sign=True, normalize=False, rescale=True),
@@ -374,9 +430,29 @@ METHODS: dict[str, MergeMethod] = {
         _ta_method("della", della_magprune, sign=True, normalize=True, rescale=True, epsilon=0.15),
         _ta_method("della_linear", della_magprune, sign=False, normalize=False, rescale=True, epsilon=0.15),
         MergeMethod("slerp", _slerp, "deltas", True, MappingProxyType({}),
-                    MappingProxyType({"t": None}), False),
+                    MappingProxyType({"t": None}), False, stack_size=(1, 1)),
         MergeMethod("model_stock", _model_stock, "deltas", True, MappingProxyType({}),
-                    MappingProxyType({"filter_wise": False}), False),
+                    MappingProxyType({"filter_wise": False}), False, stack_size=(2, None)),
+        # mergekit 0.1.5's newer methods (evomerge/merge/more_methods.py)
+        MergeMethod("nuslerp", mm.nuslerp, "optional", False, MappingProxyType({"weight": None}),
+                    MappingProxyType({"nuslerp_row_wise": False, "nuslerp_flatten": True}), False,
+                    stack_size=(2, 2)),
+        MergeMethod("multislerp", mm.multislerp, "optional", False, MappingProxyType({"weight": None}),
+                    MappingProxyType({"normalize_weights": True, "eps": 1e-8}), False, stack_size=(1, None)),
+        MergeMethod("karcher", mm.karcher, "tensors", False, MappingProxyType({}),
+                    MappingProxyType({"max_iter": 10, "tol": 1e-5}), False, stack_size=(1, None)),
+        MergeMethod("sce", mm.sce, "deltas", True, MappingProxyType({}),
+                    MappingProxyType({"int8_mask": False, "select_topk": 1.0}), False),
+        MergeMethod("ram", mm.ram, "deltas", True, MappingProxyType({}),
+                    MappingProxyType({"epsilon": 1e-5}), False),
+        MergeMethod("ramplus_tl", mm.ramplus_tl, "deltas", True, MappingProxyType({}),
+                    MappingProxyType({"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}), False),
+        MergeMethod("nearswap", mm.nearswap, "deltas", True, MappingProxyType({}),
+                    MappingProxyType({"t": None}), False, stack_size=(1, 1)),
+        MergeMethod("arcee_fusion", mm.arcee_fusion, "deltas", True, MappingProxyType({}),
+                    MappingProxyType({}), False, stack_size=(1, 1)),
+        MergeMethod("passthrough", mm.passthrough, "tensors", False, MappingProxyType({"scale": 1.0}),
+                    MappingProxyType({}), False, stack_size=(1, 1)),
     )
 }
 
@@ -478,8 +554,8 @@ def merge_tensor(
         raise ValueError(
             f"{method.name}: base has shape {tuple(base.shape)} but the stack holds {tuple(stack.shape[1:])}"
         )
-    if method.inputs == "tensors" and k == 0:
-        raise ValueError(f"{method.name} needs at least one model")
+    if not method.accepts(k):
+        raise ValueError(f"{method.name} merges {method.count_phrase()}; got {k}")
     mp = _check_model_params(method, model_params, k)
     gp = _check_global_params(method, global_params)
     if method.randomized:
