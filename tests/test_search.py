@@ -211,7 +211,7 @@ def test_steady_state_searcher_killed_and_resumed_follows_the_same_trajectory(zo
     arrives. Killed at random points and resumed, it evaluates and tells exactly what an uninterrupted
     run does (one worker: the order of tells is the order of asks)."""
     experiment(zoo, tmp_path, budget={"evaluations": 14},
-               searcher={"name": "nevergrad:TwoPointsDE", "options": {"num_workers": 1}})
+               searcher={"name": "nevergrad:TwoPointsDE", "options": {"num_workers": 1, "budget": 14}})
     ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
     code, out = run_cli(["search", str(tmp_path / "exp.yaml"), "-o", str(ref_dir)], tmp_path)
     assert code == 0, out
