@@ -96,7 +96,9 @@ class ReducedFitness(FitnessEstimator):
                     rows.append(f"| {e.genome_hash[:10]}{mark} | g{e.generation} | {b} | {est[b]:.4f} | "
                                 f"{acc:.4f} | {err:+.4f} |")
         drift = phase.store.get_meta("drift", []) or []
-        text = [f"### Fitness estimator ({spec.kind}, budget {spec.budget})", "", *lines,
+        settings = (f"tolerance {spec.tolerance}, max_items {spec.max_items}" if spec.kind == "adaptive"
+                    else f"budget {spec.budget}")
+        text = [f"### Fitness estimator ({spec.kind}, {settings})", "", *lines,
                 "Measured on search candidates that were never in the calibration population, each "
                 "evaluated on every item after the search"
                 + (f"; the {spec.final_top_k} best estimates among them, and the model chosen is the best "
