@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 from evomerge.config import load_experiment
 from evomerge.run import RunExists, start
 from evomerge.runstore import RunStore
+from evomerge.searchers import Searcher
 from evomerge.zoo.skills import write_jsonl
 
 EVOMERGE = [sys.executable, "-m", "evomerge.cli"]
@@ -229,7 +230,9 @@ def test_steady_state_searcher_killed_and_resumed_follows_the_same_trajectory(zo
     with RunStore(ref_dir / "phase0-ps" / "run.sqlite", readonly=True) as a, RunStore(store, readonly=True) as b:
         assert [g.best for g in a.generations()] == [g.best for g in b.generations()]
         assert all(g.best is not None and g.best_hash for g in b.generations())
-        assert a.last_state()[1] == b.last_state()[1]
+        # nevergrad's pickled optimizer is not byte-stable across a reload; what it does next is
+        after_ref, after_cut = Searcher.from_state(a.last_state()[1]), Searcher.from_state(b.last_state()[1])
+        np.testing.assert_array_equal(np.array(after_ref.ask(3)), np.array(after_cut.ask(3)))
 
 
 def test_ctrl_c_saves_and_says_how_to_resume(zoo, tmp_path):
