@@ -44,7 +44,11 @@ def resolve_models(exp: Experiment, root: Path) -> dict[str, Path]:
     out = {}
     zoo = None
     for name, ref in exp.models.items():
-        if ref.startswith("zoo:"):
+        if ref.startswith("zoo:smol/"):
+            from evomerge.zoo.smol import resolve_smol_model
+
+            out[name] = resolve_smol_model(ref)
+        elif ref.startswith("zoo:"):
             from evomerge.zoo import ensure_zoo
 
             zoo = zoo or ensure_zoo()
