@@ -312,3 +312,20 @@ def test_dfs_plan_over_the_30_layer_gqa_model_exports_to_the_same_logits(smol, t
     assert diff <= 1e-3 and a.abs().max() > 5.0
     assert greedy_generate(model, rows, 6, [tok.eos_token_id], tok.pad_token_id) == \
         greedy_generate(exported, rows, 6, [tok.eos_token_id], tok.pad_token_id)
+
+
+def test_multiple_choice_through_the_chat_template(tok, loaded):
+    items = [{"id": "fr", "prompt": "What is the capital of France?", "choices": ["Paris", "London", "Berlin"],
+              "answer": "Paris"}]
+    bench = ItemsBenchmark("mc", items, scorer="multiple_choice", chat_template=True)
+    assert bench.evaluate(loaded["base"], tok, EvalContext()).scores.tolist() == [1.0]
+    from evomerge.evaluate.builtin import choice_loglikelihoods, encode_pair
+
+    context = render_chat(tok, items[0]["prompt"])
+    ctx, cont = encode_pair(tok, context, "Paris", add_special_tokens=False)
+    assert ctx == chat_ids(tok, items[0]["prompt"]) and tok.decode(cont) == "Paris"
+    one = choice_loglikelihoods(loaded["base"], tok, [(context, ["Paris", "London", "Berlin"])], 1, "cpu",
+                                add_special_tokens=False)
+    many = choice_loglikelihoods(loaded["base"], tok, [(context, ["Paris", "London", "Berlin"])], 8, "cpu",
+                                 add_special_tokens=False)
+    np.testing.assert_allclose(one[0], many[0], rtol=1e-4, atol=1e-4)

