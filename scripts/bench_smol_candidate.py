@@ -5,6 +5,7 @@ The worker is the search's (``evomerge.worker.Worker``: sources resident, one pr
 memory, then the chat-aware items evaluator). Recipes: task arithmetic at 1/N (the report's uniform merge)
 and at weight 1, TIES and DARE-TIES at density 0.5 and weight 1 (the hand recipes people use).
 Usage: python scripts/bench_smol_candidate.py [experiments/smol_ps.yaml] [--split fitness|test] [--threads 2]
+       [--only 'weight 1' ...]
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def main() -> None:
     ap.add_argument("experiment", nargs="?", default="experiments/smol_ps.yaml")
     ap.add_argument("--split", default="test", choices=["fitness", "test"])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", nargs="*", default=None, help="substrings of the recipes to run (default: all)")
     args = ap.parse_args()
     path = Path(args.experiment)
     exp = load_experiment(path)
@@ -57,6 +59,8 @@ def main() -> None:
           f"(base + {len(experts)} task vectors, {worker.engine.dtype})")
     rows = []
     for name, cfg in hand_recipes(exp.base_model, experts).items():
+        if args.only and not any(o in name for o in args.only):
+            continue
         r = worker.evaluate(Recipe(merge=MergeConfig.model_validate(cfg)), which=args.split, seed=0)
         if r.error:
             raise SystemExit(f"{name}: {r.error}")
