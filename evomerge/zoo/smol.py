@@ -12,8 +12,9 @@ Item prompts are raw user messages; training and evaluation both ask them throug
 (after :data:`SYSTEM_PROMPT`), so a benchmark over these items sets ``chat_template: true`` and that
 system prompt. Measured on the test split (120 items per skill): the base scores 0.0 on both, because
 it answers in a sentence ("The answer is 195."); 30 steps at lr 1e-4 give add 0.758 and upper 0.317,
-each expert <= 0.05 on the other's skill (docs/results.md). Embeddings (tied to the head) stay frozen: the experts differ from the base in
-the layers only, which keeps them mergeable and halves the optimiser's memory.
+each expert <= 0.05 on the other's skill (docs/results.md). Embeddings (tied to the head) stay
+frozen: the experts differ from the base in the layers and norms only, which keeps them mergeable and
+keeps the 28M embedding parameters (a fifth of the model) out of the optimiser.
 
 Models are referred to as ``zoo:smol/<base|add|upper>`` and items as ``zoo:smol/<skill>/<split>``.
 """
