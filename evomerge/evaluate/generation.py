@@ -8,7 +8,7 @@ position ids taken from the attention mask, so mixed lengths batch correctly.
 from __future__ import annotations
 
 import inspect
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -37,13 +37,25 @@ def greedy_generate(
     model: torch.nn.Module,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
-    eos_token_id: int,
+    eos_token_id: int | Sequence[int],
     pad_token_id: int,
     batch_size: int = 256,
     device: torch.device | str | None = None,
+    stop: Callable[[list[int]], bool] | None = None,
 ) -> list[list[int]]:
-    """Greedy continuations (without the EOS) for token-id prompts, in the order given."""
+    """Greedy continuations for token-id prompts, in the order given, each cut before its first end token.
+
+    ``eos_token_id`` may be several ids: an instruct model ends its turn with a token (``<|eot_id|>``,
+    ``<|im_end|>``) that need not be the tokenizer's EOS. ``stop``, when given, is asked after every step
+    about each unfinished row's tokens so far and ends the row when it says so (stop strings); the
+    row's tokens are returned whole, so the caller cuts at the stop string itself. A batch ends as soon
+    as every row has ended.
+    """
+    ends = [eos_token_id] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
+    if not ends:
+        raise ValueError("greedy_generate needs at least one end token id")
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    end_ids = torch.tensor(ends, device=device)
     key = _cache_kwarg(model)
     keep = keep_last_logits(model, 1)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -66,9 +78,14 @@ def greedy_generate(
         next_pos = pos[:, -1:] + 1
         for step in range(max_new_tokens):
             token = out.logits[:, -1].argmax(-1)
-            token = torch.where(done, torch.full_like(token, eos_token_id), token)
+            token = torch.where(done, torch.full_like(token, ends[0]), token)
             generated.append(token)
-            done |= token == eos_token_id
+            done |= torch.isin(token, end_ids)
+            if stop is not None:
+                so_far = torch.stack(generated, dim=1).tolist()
+                for row in range(len(idx)):
+                    if not done[row] and stop(so_far[row]):
+                        done[row] = True
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
@@ -77,9 +94,11 @@ def greedy_generate(
             cache = out[key] if key in out else out.past_key_values
             next_pos = next_pos + 1
         gen = torch.stack(generated, dim=1).tolist()
+        end_set = set(ends)
         for row, i in enumerate(idx):
             seq = gen[row]
-            results[i] = seq[: seq.index(eos_token_id)] if eos_token_id in seq else seq
+            cut = next((k for k, t in enumerate(seq) if t in end_set), len(seq))
+            results[i] = seq[:cut]
     return results
 
 

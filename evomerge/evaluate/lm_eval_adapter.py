@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from evomerge.evaluate.base import EvalContext, ItemResponses
-from evomerge.evaluate.builtin import check_device, resolve_items_ref, select_ids
+from evomerge.evaluate.builtin import check_device, select_ids
+from evomerge.refs import resolve_items_ref
 
 
 class LmEvalBenchmark:

