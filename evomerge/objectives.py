@@ -75,7 +75,7 @@ def named(ev: Evaluation) -> dict[str, float]:
 
 
 def pareto_mask(points: np.ndarray) -> np.ndarray:
-    """Non-dominated rows of ``points`` (maximised); of equal rows, the first is kept."""
+    """Non-dominated rows of ``points`` (maximised); equal rows are all kept."""
     n = len(points)
     keep = np.ones(n, dtype=bool)
     for i in range(n):

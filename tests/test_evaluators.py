@@ -26,7 +26,6 @@ from evomerge.evaluate.builtin import (
 from evomerge.evaluate.custom import BadFitnessReference, CustomFitness, load_fitness
 from evomerge.evaluate.lm_eval_adapter import LmEvalBenchmark
 from evomerge.evaluate.registry import make_evaluator, parse_spec, run_fitness
-from evomerge.refs import resolve_items_ref
 from evomerge.zoo.build import load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,7 +121,7 @@ def loglikelihoods_one_by_one(model, tok, prompt: str, choices: list[str]) -> np
 
 
 def test_exact_match_on_a_zoo_reference_reproduces_the_zoo_build(zoo, models):
-    bench = ItemsBenchmark("rev", resolve_items_ref("zoo:rev/test"))
+    bench = ItemsBenchmark("rev", "zoo:rev/test")
     result = bench.evaluate(*models["rev"], EvalContext())
     assert result.item_ids == [it["id"] for it in zoo.items("rev", "test")]
     assert result.mean() == pytest.approx(zoo.accuracy()["accuracy"]["expert_rev"]["rev"], abs=1e-4)
@@ -168,7 +167,7 @@ def test_length_normalisation_divides_by_characters():
 
 def test_subsets_in_the_order_asked_and_unknown_ids_rejected(zoo, models):
     model, tok = models["base"]
-    bench = ItemsBenchmark("rev", resolve_items_ref("zoo:rev/fitness"))
+    bench = ItemsBenchmark("rev", "zoo:rev/fitness")
     ids = bench.item_ids()
     full = dict(zip(ids, bench.evaluate(model, tok, EvalContext()).scores))
     subset = [ids[500], ids[3], ids[250]]

@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 from evomerge.evaluate.base import EvalContext, ItemResponses
-from evomerge.evaluate.chat import chat_ids, end_token_ids, render_chat, stop_checker
-from evomerge.evaluate.generation import greedy_generate, keep_last_logits
+from evomerge.evaluate.chat import render_chat
+from evomerge.evaluate.generation import generate_texts, keep_last_logits
+from evomerge.refs import resolve_items_ref
 
 Scorer = Literal["exact_match", "regex", "multiple_choice"]
 SCORERS: tuple[str, ...] = ("exact_match", "regex", "multiple_choice")
@@ -139,29 +140,6 @@ def check_device(model: torch.nn.Module, device: torch.device | str) -> torch.de
 
 
 # ------------------------------------------------------------------------------------- generation
-
-
-def generate_texts(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: Sequence[int],
-                   batch_size: int, device: torch.device | str, chat_template: bool = False,
-                   system_prompt: str | None = None, stop: Sequence[str] = ()) -> list[str]:
-    """Greedy continuations, each cut at its own token budget, decoded without special tokens.
-
-    A per-item budget keeps an item's score independent of which other items share its batch. With
-    ``chat_template`` each prompt is a user turn of the tokenizer's chat template (see
-    :mod:`evomerge.evaluate.chat`) and generation also ends at the end-of-turn token; ``stop`` strings
-    end a row early (the caller still cuts the text at them).
-    """
-    if tokenizer.eos_token_id is None and not chat_template:
-        raise ValueError("the tokenizer has no eos_token_id; generation needs one to know where an answer ends")
-    ends = end_token_ids(tokenizer, model, chat=chat_template)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ends[0]
-    if chat_template:
-        ids = [chat_ids(tokenizer, p, system_prompt) for p in prompts]
-    else:
-        ids = [tokenizer(p)["input_ids"] for p in prompts]
-    outs = greedy_generate(model, ids, max(max_new_tokens, default=1), ends, pad,
-                           batch_size=batch_size, device=device, stop=stop_checker(tokenizer, stop))
-    return tokenizer.batch_decode([o[:n] for o, n in zip(outs, max_new_tokens)], skip_special_tokens=True)
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -282,10 +260,7 @@ class ItemsBenchmark:
             self.pattern = re.compile(answer_regex) if answer_regex else None
         except re.error as e:
             raise ValueError(f"benchmark '{name}': answer_regex {answer_regex!r} does not compile ({e})") from None
-        if isinstance(items, str) and items.startswith(("zoo:", "hetero:")):
-            raise ValueError(f"benchmark '{name}': '{items}' is a reference; resolve it to a file first "
-                             "(evomerge.refs.resolve_items_ref; make_evaluator does)")
-        rows = read_items_file(items) if isinstance(items, (str, Path)) else list(items)
+        rows = read_items_file(resolve_items_ref(items)) if isinstance(items, (str, Path)) else list(items)
         self.name = name
         self.scorer = scorer
         self.max_new_tokens = max_new_tokens

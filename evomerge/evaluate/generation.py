@@ -12,6 +12,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from evomerge.evaluate.chat import chat_ids, end_token_ids, stop_checker
+
 
 def _cache_kwarg(model: torch.nn.Module) -> str:
     """transformers 5 renamed ``past_key_values`` to ``cache``; accept both."""
@@ -122,3 +124,26 @@ def accuracy(model: torch.nn.Module, tokenizer, items: Sequence[dict]) -> float:
     """Exact-match accuracy over ``items``, rounded to 4 places as the zoo and fusion reports print it."""
     scores = exact_match(model, tokenizer, items)
     return round(sum(scores) / len(scores), 4)
+
+
+def generate_texts(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: Sequence[int],
+                   batch_size: int, device: torch.device | str, chat_template: bool = False,
+                   system_prompt: str | None = None, stop: Sequence[str] = ()) -> list[str]:
+    """Greedy continuations, each cut at its own token budget, decoded without special tokens.
+
+    A per-item budget keeps an item's score independent of which other items share its batch. With
+    ``chat_template`` each prompt is a user turn of the tokenizer's chat template (see
+    :mod:`evomerge.evaluate.chat`) and generation also ends at the end-of-turn token; ``stop`` strings
+    end a row early (the caller still cuts the text at them).
+    """
+    if tokenizer.eos_token_id is None and not chat_template:
+        raise ValueError("the tokenizer has no eos_token_id; generation needs one to know where an answer ends")
+    ends = end_token_ids(tokenizer, model, chat=chat_template)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ends[0]
+    if chat_template:
+        ids = [chat_ids(tokenizer, p, system_prompt) for p in prompts]
+    else:
+        ids = [tokenizer(p)["input_ids"] for p in prompts]
+    outs = greedy_generate(model, ids, max(max_new_tokens, default=1), ends, pad,
+                           batch_size=batch_size, device=device, stop=stop_checker(tokenizer, stop))
+    return tokenizer.batch_decode([o[:n] for o, n in zip(outs, max_new_tokens)], skip_special_tokens=True)

@@ -23,7 +23,6 @@ from evomerge.evaluate.base import EvalContext, Evaluator
 from evomerge.evaluate.builtin import ItemsBenchmark
 from evomerge.evaluate.custom import CustomFitness, FitnessResult
 from evomerge.evaluate.lm_eval_adapter import LmEvalBenchmark
-from evomerge.refs import resolve_items_ref
 
 
 class _Spec(BaseModel):
@@ -135,7 +134,7 @@ def make_evaluator(spec: dict[str, Any] | EvaluatorSpec, base_dir: str | Path | 
     base = Path(base_dir) if base_dir is not None else None
     if isinstance(s, ItemsSpec):
         return ItemsBenchmark(
-            s.name, s.items if s.items is not None else resolve_items_ref(s.path or "", base), scorer=s.scorer,
+            s.name, s.items if s.items is not None else _path(s.path, base), scorer=s.scorer,
             answer_regex=s.answer_regex, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
             prompt_key=s.prompt_key, answer_key=s.answer_key, choices_key=s.choices_key, id_key=s.id_key,
             length_normalize=s.length_normalize, stop=s.stop, chat_template=s.chat_template,

@@ -34,6 +34,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from evomerge.evaluate.generation import generate_texts
 from evomerge.zoo.build import (
     _uniform_task_arithmetic,
     build_atomically,
@@ -184,20 +185,19 @@ def chat_sampler(tokenizer: Any, rows: list[dict], system_prompt: str):
     return sample
 
 
-def smol_benchmark(zoo_or_root: SmolZoo | Path, skill: str, split: str, system_prompt: str = SYSTEM_PROMPT,
-                   batch_size: int = 64):
-    """The built-in evaluator over a skill's items, asked through the chat template (as a search would)."""
-    from evomerge.evaluate.builtin import ItemsBenchmark
-
-    root = zoo_or_root.root if isinstance(zoo_or_root, SmolZoo) else Path(zoo_or_root)
-    return ItemsBenchmark(skill, root / "items" / skill / f"{split}.jsonl", chat_template=True,
-                          system_prompt=system_prompt, batch_size=batch_size)
+def smol_accuracy(model: Any, tokenizer: Any, items: list[dict], system_prompt: str = SYSTEM_PROMPT,
+                  batch_size: int = 64) -> float:
+    """Greedy exact match over ``items`` asked through the chat template, as the built-in evaluator scores
+    them (``chat_template: true``, each answer's tokens + 1 to generate). The zoo scores itself with the
+    generation helpers, not the evaluator, which resolves ``zoo:smol/`` references through this zoo."""
+    budgets = [len(tokenizer(it["answer"], add_special_tokens=False)["input_ids"]) + 1 for it in items]
+    texts = generate_texts(model, tokenizer, [it["prompt"] for it in items], budgets, batch_size,
+                           next(model.parameters()).device, chat_template=True, system_prompt=system_prompt)
+    return sum(t.strip() == it["answer"].strip() for t, it in zip(texts, items)) / max(1, len(items))
 
 
 def _build(spec: SmolSpec, base_path: Path, out: Path, console: Console) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from evomerge.evaluate.base import EvalContext
 
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     tok = AutoTokenizer.from_pretrained(base_path)
@@ -223,8 +223,8 @@ def _build(spec: SmolSpec, base_path: Path, out: Path, console: Console) -> None
               "uniform_task_arithmetic": _uniform_task_arithmetic(base, list(experts.values()), 1 / len(experts))}
     acc = {}
     for name, model in models.items():
-        acc[name] = {s: round(smol_benchmark(out, s, "test", spec.system_prompt, spec.eval_batch_size)
-                              .evaluate(model, tok, EvalContext()).mean(), 4) for s in spec.experts}
+        acc[name] = {s: round(smol_accuracy(model, tok, items[s]["test"], spec.system_prompt, spec.eval_batch_size), 4)
+                     for s in spec.experts}
     checks = zoo_checks(acc, list(spec.experts), min_own=None)
     report = {"split": "test", "accuracy": acc, "checks": checks, "spec": asdict(spec), "base": str(base_path)}
     (out / "spec.json").write_text(json.dumps(asdict(spec), indent=1))
