@@ -48,9 +48,9 @@ import psutil
 import torch
 
 from evomerge.config import load_space
-from evomerge.workers.ray_pool import RayPool
 from evomerge.spaces import PSGenome, genome_seed
 from evomerge.workers import LocalPool, Pool, Task
+from evomerge.workers.ray_pool import RayPool
 
 SKILLS = ("rev", "sort", "tr")
 REPO = Path(__file__).resolve().parent.parent
