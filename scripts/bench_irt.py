@@ -166,8 +166,8 @@ def main(argv=None) -> int:
     cache = lambda name: None if args.cache is None else args.cache / f"{name}-{tag}.npz"
 
     t = time.perf_counter()
-    cached = args.cache is not None and all(
-        cache(n).exists() for n in (f"calib-{args.calib}", f"heldout-{args.heldout}", f"cma-{args.cma_generations}"))
+    stages = (f"calib-{args.calib}", f"heldout-{args.heldout}", f"cma-{args.cma_generations}")
+    cached = args.cache is not None and all((args.cache / f"{n}-{tag}.npz").exists() for n in stages)
     sources = source_recipes(experts, L)
     calib = population(cache(f"calib-{args.calib}"), lambda: build_population(
         list(sources.values()) + random_recipes(experts, L, args.calib, seed=0, low=LOW, high=HIGH), evaluate,
