@@ -12,7 +12,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -98,14 +98,15 @@ class TensorReader:
 
     def __init__(self, path: Path, allow_pickle: bool = False):
         self.index = tensor_index(path, allow_pickle)
-        self._handles: dict[Path, object] = {}
+        self._state_dicts: dict[Path, dict[str, torch.Tensor]] = {}  # .bin files, loaded memory-mapped
+        self._handles: dict[Path, Any] = {}  # safetensors handles (safe_open has no usable stub)
 
     def get(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
         info = self.index[name]
         if info.file.suffix == ".bin":
-            if info.file not in self._handles:
-                self._handles[info.file] = torch.load(info.file, map_location="cpu", weights_only=True, mmap=True)
-            return self._handles[info.file][name].to(device)
+            if info.file not in self._state_dicts:
+                self._state_dicts[info.file] = torch.load(info.file, map_location="cpu", weights_only=True, mmap=True)
+            return self._state_dicts[info.file][name].to(device)
         if info.file not in self._handles:
             self._handles[info.file] = safe_open(info.file, framework="pt", device="cpu")
         return self._handles[info.file].get_tensor(name).to(device)
@@ -116,13 +117,15 @@ def parse_size(size: str | int) -> int:
     if isinstance(size, int):
         return size
     s = size.strip().upper()
-    for unit, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+    units = (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1))
+    for unit, mult in units:
         if s.endswith(unit):
             return int(float(s[: -len(unit)]) * mult)
     return int(s)
 
 
-def write_sharded(tensors: Iterable[tuple[str, torch.Tensor]], out: Path, max_shard_size: str | int = "5GB") -> list[Path]:
+def write_sharded(tensors: Iterable[tuple[str, torch.Tensor]], out: Path,
+                  max_shard_size: str | int = "5GB") -> list[Path]:
     """Stream tensors into ``model-0000i-of-0000n.safetensors`` shards (+ index when n > 1).
 
     Holds at most one shard in memory, so a merge written this way needs memory of the order of the

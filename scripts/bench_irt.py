@@ -31,8 +31,17 @@ from transformers import AutoTokenizer
 
 from evomerge.evaluate.base import ItemResponses
 from evomerge.evaluate.generation import exact_match
-from evomerge.irt.calibrate import (Population, build_population, calibrate, engine_evaluate, evaluate_estimators,
-                                    pass_rate_summary, random_recipes, source_recipes, task_arithmetic_recipe)
+from evomerge.irt.calibrate import (
+    Population,
+    build_population,
+    calibrate,
+    engine_evaluate,
+    evaluate_estimators,
+    pass_rate_summary,
+    random_recipes,
+    source_recipes,
+    task_arithmetic_recipe,
+)
 from evomerge.irt.estimators import NAMES
 from evomerge.merge.engine import MergeEngine
 from evomerge.zoo import ensure_zoo
@@ -117,8 +126,8 @@ def table(title: str, est: dict, truth: np.ndarray, num_items: int) -> tuple[str
             m = metrics(est[name][n], truth)
             out[(name, n)] = m
             budget = "all" if name == "full" else f"{n} ({100 * n / num_items:.0f}%)"
-            lines.append(f"| {budget} | {name} | {m['mae']:.4f} | {m['mae_sd']:.4f} | {m['max']:.4f} | {m['spearman']:.3f} | "
-                         f"{m['spearman_top25']:.3f} | {m['regret1']:.4f} | {m['regret5']:.4f} |")
+            lines.append(f"| {budget} | {name} | {m['mae']:.4f} | {m['mae_sd']:.4f} | {m['max']:.4f} | "
+                         f"{m['spearman']:.3f} | {m['spearman_top25']:.3f} | {m['regret1']:.4f} | {m['regret5']:.4f} |")
     return "\n".join(lines), out
 
 
@@ -157,8 +166,8 @@ def main(argv=None) -> int:
     cache = lambda name: None if args.cache is None else args.cache / f"{name}-{tag}.npz"
 
     t = time.perf_counter()
-    cached = args.cache is not None and all(cache(n).exists() for n in
-                                            (f"calib-{args.calib}", f"heldout-{args.heldout}", f"cma-{args.cma_generations}"))
+    stages = (f"calib-{args.calib}", f"heldout-{args.heldout}", f"cma-{args.cma_generations}")
+    cached = args.cache is not None and all((args.cache / f"{n}-{tag}.npz").exists() for n in stages)
     sources = source_recipes(experts, L)
     calib = population(cache(f"calib-{args.calib}"), lambda: build_population(
         list(sources.values()) + random_recipes(experts, L, args.calib, seed=0, low=LOW, high=HIGH), evaluate,
@@ -212,7 +221,8 @@ def main(argv=None) -> int:
            f"Every IRT figure is a mean over {args.calib_seeds} calibration seeds (CV folds and KMeans starts); "
            f"random baselines are means over {args.seeds} fixed subsets. MAE sd: spread over those repeats.", "",
            "## Choosing D (cross-validated on the calibration population only; calibration seed 0)", "",
-           "| D | " + " | ".join(f"{e} n={n}" for n in sorted(cal.anchors) for e in ("pirt", "gpirt", "mpirt")) + " | score |",
+           "| D | " + " | ".join(f"{e} n={n}" for n in sorted(cal.anchors) for e in ("pirt", "gpirt", "mpirt"))
+           + " | score |",
            "|---|" + "---|" * (3 * len(cal.anchors) + 1)]
     for d in v["dims"]:
         errs = v["errors"][str(d)]
@@ -222,7 +232,7 @@ def main(argv=None) -> int:
     out += ["", "CV baselines (expected MAE over 50 subsets): " + ", ".join(
         f"n={n}: random {b['random']:.4f}, stratified {b['stratified']:.4f}" for n, b in v["baselines"].items()),
         f"D chosen per calibration seed: {[c.dim for c in cals]}.",
-        f"gp-IRT lambda per budget (seed 0): {', '.join(f'{n}: {l:.2f}' for n, l in sorted(cal.gp_lambda.items()))}",
+        f"gp-IRT lambda per budget (seed 0): {', '.join(f'{n}: {g:.2f}' for n, g in sorted(cal.gp_lambda.items()))}",
         f"Fit time: {v['fit_seconds_mean']:.2f} s mean per CV fit ({len(calib.names) * (args.folds - 1) // args.folds}"
         f" models x {N} items), final fit {v['final_fit_seconds']:.2f} s; a whole calibration "
         f"({len(args.dims)} D x {args.folds} folds + final) {t_cal:.1f} s.", ""]
@@ -282,7 +292,8 @@ def main(argv=None) -> int:
     n_models = len(calib.names) + len(held.names)
     evaluated = "loaded from --cache" if cached else f"{t_eval:.0f} s ({t_eval / n_models:.2f} s per model)"
     out += ["", f"Timings: evaluation of the {n_models} models on all items {evaluated}, estimates of "
-                f"{len(held.names)} candidates x all estimators {t_est:.1f} s, total {time.perf_counter() - t_start:.0f} s."]
+                f"{len(held.names)} candidates x all estimators {t_est:.1f} s, "
+                f"total {time.perf_counter() - t_start:.0f} s."]
     text = "\n".join(out)
     print(text)
     if args.markdown:

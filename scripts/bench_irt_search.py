@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from evomerge.runstore import RunStore
 from evomerge.run import start
+from evomerge.runstore import RunStore
 
 
 def items_spent(run_dir: Path) -> dict[str, int]:
@@ -96,12 +96,14 @@ def main() -> None:
                              "seconds": time.perf_counter() - t})
                 print(rows[-1], flush=True)
     lines = [f"Command: `python {' '.join(sys.argv)}`", "",
-             "| seed | estimator | held-out test mean | items evaluated (search + calibration + drift + final) | ratio | wall s |",
+             "| seed | estimator | held-out test mean | items evaluated (search + calibration + drift + final) "
+             "| ratio | wall s |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         ref = next(x for x in rows if x["seed"] == r["seed"] and x["estimator"] == "full")
         lines.append(f"| {r['seed']} | {r['estimator']} | {r['test_mean']:.3f} | {r['items']:,} "
-                     f"({r['search_items']:,} + {r['calibration_items']:,} + {r['drift_items']:,} + {r['final_items']:,}) | "
+                     f"({r['search_items']:,} + {r['calibration_items']:,} + {r['drift_items']:,} "
+                     f"+ {r['final_items']:,}) | "
                      f"{ref['items'] / r['items']:.1f}x | {r['seconds']:.0f} |")
     lines += ["", "| estimator | seeds | mean held-out test | mean gap to full | worst gap | fewer items |",
               "|---|---|---|---|---|---|"]

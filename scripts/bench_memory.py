@@ -308,9 +308,11 @@ def main() -> None:
             size = r0["model_bytes"]
             print(f"{policy:6s} x{n}: " + ", ".join(f"{m} {s:.3f} s" for m, s in r0["seconds"].items()) +
                   " | per worker: " + "; ".join(
-                      f"anon {r['proc'].get('rss_anon_bytes', 0) / GiB:.2f} GiB ({r['proc'].get('rss_anon_bytes', 0) / size:.2f}x)"
+                      f"anon {r['proc'].get('rss_anon_bytes', 0) / GiB:.2f} GiB "
+                      f"({r['proc'].get('rss_anon_bytes', 0) / size:.2f}x)"
                       f" file {r['proc'].get('rss_file_bytes', 0) / GiB:.2f} PSS {r['smaps'].get('Pss', 0) / GiB:.2f}"
-                      f" peak {r['proc'].get('peak_rss_bytes', 0) / GiB:.2f} engine dev {r['engine']['device_bytes'] / GiB:.2f}"
+                      f" peak {r['proc'].get('peak_rss_bytes', 0) / GiB:.2f}"
+                      f" engine dev {r['engine']['device_bytes'] / GiB:.2f}"
                       + (f" cuda max {r['cuda_max_allocated'] / GiB:.2f}" if "cuda_max_allocated" in r else "")
                       for r in reports))
     anchor = None if args.no_mergekit else mergekit_anchor(models, args.work)
@@ -333,7 +335,8 @@ def print_table(rows: list, memcpy: float, anchor: dict[str, float] | None, err:
         secs = r["seconds"]
         cells = [f"{secs[m]:.3f} ({secs[m] / device[m]:.2f}x)" if m in device else f"{secs[m]:.3f}" for m in methods]
         ta = secs.get("task_arithmetic")
-        bw = f"{(r['inputs_bytes'] + size) / ta / 1e9:.1f} GB/s ({100 * (r['inputs_bytes'] + size) / ta / memcpy:.0f}%)" if ta else "-"
+        moved = r["inputs_bytes"] + size
+        bw = f"{moved / ta / 1e9:.1f} GB/s ({100 * moved / ta / memcpy:.0f}%)" if ta else "-"
         anon = max(x["proc"].get("rss_anon_bytes", 0) for x in reports)
         pss = max(x["smaps"].get("Pss", 0) for x in reports)
         pss_all = sum(x["smaps"].get("Pss", 0) for x in reports)
@@ -351,7 +354,8 @@ def print_table(rows: list, memcpy: float, anchor: dict[str, float] | None, err:
               f"{anchor['peak_rss'] / GiB:.2f} GiB ({anchor['peak_rss'] / size:.2f}x model)")
     if err:
         print("bf16 task vectors vs float32 (float32 arithmetic, ~0.1B float32 model), relative L2 error of the "
-              "merged weights / of the merged change: " + ", ".join(f"{m} {w:.1e} / {c:.1e}" for m, (w, c) in err.items()))
+              "merged weights / of the merged change: "
+              + ", ".join(f"{m} {w:.1e} / {c:.1e}" for m, (w, c) in err.items()))
 
 
 if __name__ == "__main__":

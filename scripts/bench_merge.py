@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -64,7 +65,8 @@ def make_large(root: Path, hidden: int, layers: int, n_experts: int, dtype: torc
                       num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
                       tie_word_embeddings=False)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to(dtype)
+    # transformers wraps .to with functools.wraps(Module.to), so mypy reads it unbound (self = the dtype)
+    model = LlamaForCausalLM(cfg).to(dtype)  # type: ignore[arg-type]
     paths = {}
     tok = char_tokenizer()
     for i, name in enumerate(["base"] + [f"expert{j}" for j in range(n_experts)]):
@@ -120,6 +122,7 @@ def bench_set(label: str, paths: dict[str, Path], reps: int, mk_reps: int, work:
     t = time.perf_counter()
     engine = MergeEngine(paths, base=names[0], dtype=dtype)
     load = time.perf_counter() - t
+    assert engine.model is not None  # a new engine holds its model until detach_model()
     n_params = sum(p.numel() for p in engine.model.parameters())
     model_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     print(f"\n== {label}: {n_params / 1e6:.1f}M parameters x {len(names)} models, "
@@ -135,7 +138,7 @@ def bench_set(label: str, paths: dict[str, Path], reps: int, mk_reps: int, work:
         cfg = make(names)
         ours = time_engine(engine, MergeConfig.model_validate(cfg), reps)
         traffic = (len(names) + 1) * model_bytes  # the base and every source read, one output written
-        row = {"set": label, "method": method, "engine_s": ours, "bandwidth": traffic / ours,
+        row: dict[str, Any] = {"set": label, "method": method, "engine_s": ours, "bandwidth": traffic / ours,
                "pct_memcpy": 100 * traffic / ours / memcpy}
         if have_mergekit:
             file_cfg = {**cfg, "models": [{**m, "model": str(paths[m["model"]])} for m in cfg["models"]]}
@@ -222,6 +225,7 @@ def bench_new_methods(label: str, paths: dict[str, Path], reps: int, mk_reps: in
     own task_arithmetic, and for methods over 3x that, the ops that dominate."""
     names = list(paths)
     engine = MergeEngine(paths, base=names[0], dtype=dtype)
+    assert engine.model is not None  # a new engine holds its model until detach_model()
     n_params = sum(p.numel() for p in engine.model.parameters())
     print(f"\n== new methods, {label}: {n_params / 1e6:.1f}M parameters x {len(names)} models, {engine.dtype}")
     rows, ta = [], None
@@ -230,7 +234,7 @@ def bench_new_methods(label: str, paths: dict[str, Path], reps: int, mk_reps: in
         recipe = MergeConfig.model_validate(cfg)
         ours = time_engine(engine, recipe, reps)
         ta = ours if method == "task_arithmetic" else ta
-        row = {"set": label, "method": method, "engine_s": ours, "vs_ta": ours / ta if ta else 1.0}
+        row: dict[str, Any] = {"set": label, "method": method, "engine_s": ours, "vs_ta": ours / ta if ta else 1.0}
         row["mergekit_api_s"] = time_mergekit_api(file_config(cfg, paths, dtype), work / "api-out", mk_reps)
         if row["vs_ta"] > 3:
             row["dominant"] = top_ops(engine, recipe)

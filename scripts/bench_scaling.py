@@ -41,16 +41,18 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 import numpy as np
 import psutil
 import torch
 
-from evomerge.config import load_space
-from evomerge.workers.ray_pool import RayPool
+from evomerge.config import PSSpace, load_space
 from evomerge.spaces import PSGenome, genome_seed
-from evomerge.workers import LocalPool, Pool, Task
+from evomerge.workers import LocalPool, Task
+from evomerge.workers.ray_pool import RayPool
+
+MeasuredPool = Union[LocalPool, RayPool]  # the pools compared here; both have run() (the Pool protocol has not)
 
 SKILLS = ("rev", "sort", "tr")
 REPO = Path(__file__).resolve().parent.parent
@@ -103,7 +105,8 @@ def random_family(root: Path, hidden: int, layers: int, dtype: torch.dtype, expe
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                       tie_word_embeddings=False)
     torch.manual_seed(seed)
-    base = LlamaForCausalLM(cfg).to(dtype)
+    # transformers wraps .to with functools.wraps(Module.to), so mypy reads it unbound (self = the dtype)
+    base = LlamaForCausalLM(cfg).to(dtype)  # type: ignore[arg-type]
     paths = {}
     for i, name in enumerate(["base"] + [f"expert{k}" for k in range(experts)]):
         model = base
@@ -131,7 +134,9 @@ def digit_items(n: int, seed: int = 0) -> list[dict]:
 
 def random_tasks(info: dict[str, Any], sources: list[str], n: int, seed: int = 0) -> list[Task]:
     """``n`` random genomes of the demo's space (per-layer task arithmetic), decoded to recipes."""
-    genome = PSGenome(load_space("ps_task_arithmetic_layers", REPO), "base", sources, info["tensors"],
+    space = load_space("ps_task_arithmetic_layers", REPO)
+    assert isinstance(space, PSSpace)  # the preset is a parameter-space one
+    genome = PSGenome(space, "base", sources, info["tensors"],
                       info["num_layers"])
     rng = np.random.default_rng(seed)
     tasks = []
@@ -163,7 +168,8 @@ def _own_seconds() -> float:
     return total
 
 
-def measure(label: str, make: Callable[[], Pool], threads: int, n: int, tasks_for: Callable[[Pool], list[Task]],
+def measure(label: str, make: Callable[[], MeasuredPool], threads: int, n: int,
+            tasks_for: Callable[[MeasuredPool], list[Task]],
             gpu: bool = False) -> Row:
     t0 = time.perf_counter()
     pool = make()
@@ -228,7 +234,7 @@ def cpu_rows(n: int, items_per_skill: int, repeat: int) -> list[Row]:
     info, sources = info_and_sources(kw)
     tasks = random_tasks(info, sources, n + 2)
     get = lambda pool: tasks  # noqa: E731 - the same candidates for every configuration
-    configs = [
+    configs: list[tuple[str, int, Callable[[], MeasuredPool]]] = [
         ("LocalPool (in-process)", 1, lambda: LocalPool({**kw, "threads": 1})),
         ("LocalPool (in-process)", 2, lambda: LocalPool({**kw, "threads": 2})),
         ("RayPool", 1, lambda: RayPool(kw, workers=1, cpus_per_worker=1)),
@@ -259,7 +265,8 @@ def large_rows(n: int, hidden: int, layers: int, items: int) -> list[Row]:
         n_gpus = torch.cuda.device_count()
         share = 1.0 if n_gpus >= 2 else 0.5
         one = 1 if gpu else len(os.sched_getaffinity(0))  # threads of a lone worker: all cores without a GPU
-        configs = [("LocalPool (in-process)", one, lambda: LocalPool({**kw, "threads": one})),
+        configs: list[tuple[str, int, Callable[[], MeasuredPool]]] = [
+                   ("LocalPool (in-process)", one, lambda: LocalPool({**kw, "threads": one})),
                    ("RayPool", one,
                     lambda: RayPool(kw, workers=1, gpus_per_worker=1 if gpu else 0, cpus_per_worker=one)),
                    (f"RayPool{f', {share:g} GPU each' if gpu else ''}", 1 if gpu else max(1, one // 2),

@@ -22,12 +22,15 @@ so sources with different vocabularies are compared on the same quantity.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
 from evomerge.fuse.align import same_prefix_positions, token_surfaces, vocab_map
 from evomerge.fuse.data import Pair, encode_pair, pad_batch, pad_id
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass
@@ -90,7 +93,8 @@ def ce_weights(ce: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     return torch.softmax(-ce.float() / temperature, dim=0)
 
 
-def fuse_weighted(indices: torch.Tensor, probs: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def fuse_weighted(indices: torch.Tensor, probs: torch.Tensor,
+                  weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted average of the sources' distributions; ``weights`` ``[S]`` or ``[S, B]``, normalised here.
 
     Returns ``[B, T, S * k]``: the union of the supports, repeated ids summed.
@@ -110,7 +114,7 @@ def index_dtype(vocab_size: int) -> torch.dtype:
 
 
 @torch.no_grad()
-def source_distributions(model: torch.nn.Module, source_tok: Any, target_tok: Any, pairs: Sequence[Pair],
+def source_distributions(model: PreTrainedModel, source_tok: Any, target_tok: Any, pairs: Sequence[Pair],
                          target_seqs: Sequence[Sequence[int]], target_starts: Sequence[int], width: int,
                          top_k: int, batch_size: int = 128, device: str | torch.device = "cpu",
                          on_batch: Callable[[int], None] | None = None) -> SourceDistributions:

@@ -15,21 +15,22 @@ import json
 import os
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evomerge.evaluate.generation import accuracy
 from evomerge.fuse.config import FuseExperiment, load_fuse_experiment
-from evomerge.refs import resolve_items_ref, resolve_model_ref
 from evomerge.fuse.data import encode_pair, load_pairs, pad_batch, pad_id
 from evomerge.fuse.distributions import SourceDistributions, source_distributions
 from evomerge.fuse.train import FuseData, StepLog, latest_checkpoint, train_fused
+from evomerge.refs import resolve_items_ref, resolve_model_ref
 
 
 class FuseRunConflict(ValueError):
@@ -101,7 +102,8 @@ def run_fuse(exp_path: str | Path, console: Console | None = None, output_dir: s
     data = FuseData(ids, mask, labels, sources)
 
     eval_sets = {ref: _eval_items(ref, root) for ref in exp.eval}
-    model = AutoModelForCausalLM.from_pretrained(target_path).to(exp.device)
+    # transformers wraps .to with functools.wraps(Module.to), so mypy reads it unbound (self = the device)
+    model = AutoModelForCausalLM.from_pretrained(target_path).to(exp.device)  # type: ignore[arg-type]
     before = set_accuracy(model, target_tok, eval_sets) if eval_sets else {}
     ckpt_dir = run_dir / "checkpoints"
     last = latest_checkpoint(ckpt_dir)
@@ -129,19 +131,19 @@ def run_fuse(exp_path: str | Path, console: Console | None = None, output_dir: s
     _copy_hetero_items([d.path for d in exp.data] + list(exp.eval), run_dir)
 
     after = set_accuracy(model, target_tok, eval_sets) if eval_sets else {}
-    source_acc = {}
+    source_acc: dict[str, dict[str, float]] = {}
     for name, p in paths.items():
         if eval_sets:  # the target, when it is a source, was scored already: `before`
             source_acc[name] = before if p == target_path else set_accuracy(
-                AutoModelForCausalLM.from_pretrained(p).to(exp.device), AutoTokenizer.from_pretrained(p), eval_sets)
+                AutoModelForCausalLM.from_pretrained(p).to(exp.device),  # type: ignore[arg-type]  # as above
+                AutoTokenizer.from_pretrained(p), eval_sets)
+    acc = {**{f"source {k}": v for k, v in source_acc.items()}, "target before": before, "target after": after}
     report = {"name": exp.name, "target": str(target_path), "pairs": len(pairs), "lambda": exp.train.lam,
-              "strategy": exp.fusion.strategy, "steps": exp.train.steps, "coverage": coverage,
-              "accuracy": {**{f"source {k}": v for k, v in source_acc.items()},
-                           "target before": before, "target after": after},
+              "strategy": exp.fusion.strategy, "steps": exp.train.steps, "coverage": coverage, "accuracy": acc,
               "final_loss": _tail_mean(history), "seconds": round(time.time() - t0, 1), "history": history}
     (run_dir / "report.json").write_text(json.dumps(report, indent=1))
     if eval_sets:
-        print_accuracy(report["accuracy"], list(eval_sets), console)
+        print_accuracy(acc, list(eval_sets), console)
     console.print(f"[green]wrote[/green] {out}")
     return run_dir
 
@@ -172,6 +174,10 @@ def _copy_hetero_items(refs: list[str], run_dir: Path) -> None:
             shutil.copyfile(f, dst / f.name)
 
 
+def _advance(progress: Progress, task: TaskID, n: int) -> None:
+    progress.update(task, advance=n)
+
+
 def _distributions(exp: FuseExperiment, paths: dict[str, Path], target_path: Path, target_tok,
                    pairs, enc, width: int, data_paths: list[Path], run_dir: Path,
                    console: Console) -> dict[str, SourceDistributions]:
@@ -186,12 +192,12 @@ def _distributions(exp: FuseExperiment, paths: dict[str, Path], target_path: Pat
     with _progress(console) as progress:
         for name, path in paths.items():
             task = progress.add_task(f"distributions {name}", total=len(pairs), info="")
-            model = AutoModelForCausalLM.from_pretrained(path).to(exp.device)
+            model = AutoModelForCausalLM.from_pretrained(path).to(exp.device)  # type: ignore[arg-type]  # see run
             tok = AutoTokenizer.from_pretrained(path)
             out[name] = source_distributions(
                 model, tok, target_tok, pairs, [e[0] for e in enc], [e[1] for e in enc], width,
                 exp.fusion.top_k, exp.distill_batch_size, exp.device,
-                on_batch=lambda n, task=task: progress.update(task, advance=n))
+                on_batch=partial(_advance, progress, task))
             del model
     tmp = cache.with_suffix(".tmp")
     torch.save({"key": key, "sources": {k: v.to_dict() for k, v in out.items()}}, tmp)

@@ -48,7 +48,8 @@ def batch_rows(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
     return perm[k * batch_size: (k + 1) * batch_size]
 
 
-def fused_targets(data: FuseData, rows: torch.Tensor, fusion: FusionSpec, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_targets(data: FuseData, rows: torch.Tensor, fusion: FusionSpec,
+                  width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused distribution of each row of the batch (``[B, width, K]`` ids and probabilities)."""
     names = list(data.sources)
     idx = torch.stack([data.sources[s].indices[rows, :width] for s in names])
@@ -75,6 +76,8 @@ def fusion_loss(logits: torch.Tensor, labels: torch.Tensor, fused_idx: Optional[
     ce = -logp.gather(-1, target.clamp_min(0)[..., None])[..., 0][valid].mean()
     if fused_idx is None or lam == 1.0:
         return ce, ce.item(), float("nan")
+    if fused_p is None:
+        raise ValueError("fusion_loss got fused_idx without fused_p; pass both (or neither, for plain CE)")
     p = fused_p[:, :-1]
     q = logp.gather(-1, fused_idx[:, :-1])
     plogp = torch.where(p > 0, p * torch.log(p.clamp_min(1e-30)), torch.zeros_like(p))

@@ -3,9 +3,18 @@ anchor items, and estimate a candidate's accuracy on a whole benchmark from a fe
 (tinyBenchmarks; MERGE^3)."""
 
 from evomerge.irt.anchors import Anchors, resolve_budget, select_anchors
-from evomerge.irt.calibrate import (Population, build_population, calibrate, calibration_report, engine_evaluate,
-                                    evaluate_estimators, pass_rate_summary, random_recipes, source_recipes,
-                                    task_arithmetic_recipe)
+from evomerge.irt.calibrate import (
+    Population,
+    build_population,
+    calibrate,
+    calibration_report,
+    engine_evaluate,
+    evaluate_estimators,
+    pass_rate_summary,
+    random_recipes,
+    source_recipes,
+    task_arithmetic_recipe,
+)
 from evomerge.irt.calibration import Calibration
 from evomerge.irt.estimators import NAMES, Estimator, make_estimator
 from evomerge.irt.fit import FitResult, ItemParams, Prior, estimate_mixture, estimate_theta, fit_m2pl, select_dim

@@ -60,14 +60,14 @@ def correctness_features(Y: np.ndarray) -> np.ndarray:
 def allocate(sizes: Sequence[int], n: int) -> list[int]:
     """Split n anchors over groups in proportion to their sizes (largest remainder), at least one
     per group and never more than a group holds."""
-    sizes = np.asarray(sizes)
-    if n < len(sizes):
-        raise ValueError(f"{n} anchors cannot cover {len(sizes)} groups; raise the budget or drop the grouping")
-    quota = n * sizes / sizes.sum()
+    size = np.asarray(sizes)
+    if n < len(size):
+        raise ValueError(f"{n} anchors cannot cover {len(size)} groups; raise the budget or drop the grouping")
+    quota = n * size / size.sum()
     out = np.maximum(1, np.floor(quota)).astype(int)
-    out = np.minimum(out, sizes)
+    out = np.minimum(out, size)
     while out.sum() < n:
-        room = out < sizes
+        room = out < size
         i = int(np.argmax(np.where(room, quota - out, -np.inf)))
         out[i] += 1
     while out.sum() > n:
@@ -107,15 +107,16 @@ def select_anchors(features: np.ndarray, n: int, *, groups: Sequence[str] | None
     if groups is None:
         index, sizes = _cluster(features, n, seed)
         return Anchors(index, sizes / N)
-    groups = np.asarray(list(groups))
-    if len(groups) != N:
-        raise ValueError(f"{len(groups)} group labels for {N} items; give one label per item")
-    names = list(dict.fromkeys(groups.tolist()))
-    members = [np.flatnonzero(groups == g) for g in names]
+    labels = np.asarray(list(groups))
+    if len(labels) != N:
+        raise ValueError(f"{len(labels)} group labels for {N} items; give one label per item")
+    names = list(dict.fromkeys(labels.tolist()))
+    members = [np.flatnonzero(labels == g) for g in names]
     counts = allocate([len(m) for m in members], n)
-    index, weight = [], []
+    index_parts: list[np.ndarray] = []
+    weight_parts: list[np.ndarray] = []
     for m, k in zip(members, counts):
         idx, sizes = _cluster(features[m], k, seed)
-        index.append(m[idx])
-        weight.append(sizes / N)
-    return Anchors(np.concatenate(index), np.concatenate(weight))
+        index_parts.append(m[idx])
+        weight_parts.append(sizes / N)
+    return Anchors(np.concatenate(index_parts), np.concatenate(weight_parts))

@@ -112,14 +112,16 @@ def random_recipes(experts: Sequence[str], num_layers: int, n: int, *, seed: int
             for _ in range(n)]
 
 
-def engine_evaluate(engine, evaluate_model: Callable[[object], ItemResponses]) -> Callable[[MergeConfig], ItemResponses]:
+def engine_evaluate(engine,
+                    evaluate_model: Callable[[object], ItemResponses]) -> Callable[[MergeConfig], ItemResponses]:
     """Compose a MergeEngine with a model evaluator into the recipe -> responses callable that
     ``build_population`` takes (the engine writes each candidate into its one resident model)."""
     return lambda recipe: evaluate_model(engine.materialize(recipe))
 
 
 def build_population(recipes: Sequence[MergeConfig], evaluate: Callable[[MergeConfig], ItemResponses],
-                     names: Sequence[str] | None = None, progress: Callable[[int, int], None] | None = None) -> Population:
+                     names: Sequence[str] | None = None,
+                     progress: Callable[[int, int], None] | None = None) -> Population:
     """Evaluate every recipe on all items. ``evaluate`` maps a recipe to its item responses; the
     item order of the first answer is the population's."""
     names = list(names) if names is not None else [f"m{i:04d}" for i in range(len(recipes))]
@@ -147,10 +149,10 @@ def pass_rate_summary(Y: np.ndarray, groups: Sequence[str] | None = None) -> dic
     """Per group: share of items with a pass rate in [0.2, 0.8] (informative) and solved by <= 5%
     (floor) or >= 95% (ceiling) of the models. Floor and ceiling items carry little information."""
     rate = np.nanmean(Y, axis=0)
-    groups = np.asarray(groups if groups is not None else ["all"] * len(rate))
+    labels = np.asarray(groups if groups is not None else ["all"] * len(rate))
     out = {}
-    for g in dict.fromkeys(groups.tolist()):
-        r = rate[groups == g]
+    for g in dict.fromkeys(labels.tolist()):
+        r = rate[labels == g]
         out[g] = {"items": int(len(r)), "mid_0.2_0.8": float(((r >= 0.2) & (r <= 0.8)).mean()),
                   "floor_le_0.05": float((r <= 0.05).mean()), "ceiling_ge_0.95": float((r >= 0.95).mean()),
                   "median": float(np.median(r))}
@@ -177,7 +179,7 @@ def heuristic_lambda(pirt_err: np.ndarray, irt_err: np.ndarray) -> float:
 def validated_lambda(pirt: np.ndarray, irt: np.ndarray, truth: np.ndarray) -> float:
     """The lambda on a 0.05 grid with the least mean absolute error on held-out calibration models."""
     grid = np.linspace(0, 1, 21)
-    err = [np.abs(l * irt + (1 - l) * pirt - truth).mean() for l in grid]
+    err = [np.abs(lam * irt + (1 - lam) * pirt - truth).mean() for lam in grid]
     return float(grid[int(np.argmin(err))])
 
 
@@ -222,7 +224,8 @@ def cross_validate(Y: np.ndarray, parents: Sequence[int], budgets: Sequence[int]
 def _summarise(cv: dict, dims: Sequence[int], budgets: Sequence[int], lambda_method: str) -> tuple[dict, dict]:
     """MAE / max error per (D, budget, estimator), and the gp lambda per (D, budget)."""
     truth = cv["truth"]
-    mae, lam = {}, {}
+    mae: dict[int, dict[int, dict[str, dict[str, float]]]] = {}
+    lam: dict[int, dict[int, float]] = {}
     for d in dims:
         mae[d], lam[d] = {}, {}
         for n in budgets:
@@ -247,7 +250,7 @@ def random_baselines(Y: np.ndarray, rows: np.ndarray, budgets: Sequence[int], gr
     Yr = Y[rows]
     truth = Yr.mean(1)
     labels = np.asarray(groups) if groups is not None else None
-    out = {}
+    out: dict[int, dict[str, float]] = {}
     for n in budgets:
         out[n] = {}
         for name in ("random", "stratified") if groups is not None else ("random",):
@@ -258,6 +261,7 @@ def random_baselines(Y: np.ndarray, rows: np.ndarray, budgets: Sequence[int], gr
                 if name == "random":
                     pred = Yr[:, pos].mean(1)
                 else:
+                    assert labels is not None  # "stratified" is tried only when groups are given
                     pred = sum(np.mean(labels == g) * Yr[:, pos[labels[pos] == g]].mean(1)
                                for g in dict.fromkeys(labels.tolist()))
                 errs.append(np.abs(pred - truth).mean())
@@ -303,7 +307,7 @@ def calibrate(population: Population, parents: Sequence[str], *, budgets: Sequen
                         seed=seed, fit_kw=fit_kw)
     mae, lam = _summarise(cv, dims, counts, lambda_method)
     score = {d: float(np.mean([mae[d][n][select_by]["mae"] for n in counts])) for d in dims}
-    dim = min(score, key=score.get)
+    dim = min(score, key=lambda d: score[d])
     fit = fit_m2pl(Y, dim, seed=seed, **(fit_kw or {}))
     feats = _features(features, fit, Y)
     anchors = {n: select_anchors(feats, n, groups=anchor_groups, seed=seed) for n in counts}
@@ -351,7 +355,8 @@ def evaluate_estimators(calibration: Calibration, holdout: Population, *, names:
     return out
 
 
-def calibration_report(calibration: Calibration, holdout: Population | None = None, *, seeds: Sequence[int] = tuple(range(10))) -> dict[str, dict[int, float]]:
+def calibration_report(calibration: Calibration, holdout: Population | None = None, *,
+                       seeds: Sequence[int] = tuple(range(10))) -> dict[str, dict[int, float]]:
     """MAE per estimator and budget: {name: {n: mae}}.
 
     With ``holdout`` (models the calibration never saw, evaluated on all items) the MAE is measured

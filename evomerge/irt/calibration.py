@@ -102,8 +102,9 @@ class Calibration:
             "budgets": budgets, "gp_lambda": {str(k): v for k, v in self.gp_lambda.items()},
             "validation": self.validation,
         }
-        arrays = {"a": self.items.a, "b": self.items.b, "prior_mean": self.prior.mean, "prior_cov": self.prior.cov,
-                  "thetas": self.thetas, "responses": self.responses}
+        # Any values: numpy's stub would match a dict of arrays against savez_compressed's allow_pickle
+        arrays: dict[str, Any] = {"a": self.items.a, "b": self.items.b, "prior_mean": self.prior.mean,
+                                  "prior_cov": self.prior.cov, "thetas": self.thetas, "responses": self.responses}
         for n in budgets:
             arrays[f"anchor_index_{n}"] = self.anchors[n].index
             arrays[f"anchor_weight_{n}"] = self.anchors[n].weight

@@ -29,7 +29,7 @@ Estimators (n seen of N items, y the seen scores):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -46,7 +46,7 @@ class Estimator(Protocol):
     def select_items(self) -> list[str]:
         """The items a candidate is evaluated on (the same for every candidate of a run)."""
 
-    def estimate(self, seen_item_ids: Sequence[str], scores: Sequence[float],
+    def estimate(self, seen_item_ids: Sequence[str], scores: Sequence[float] | np.ndarray,
                  parents: Sequence[str] | None = None) -> float:
         """Estimated mean score over all items of the benchmark."""
 
@@ -81,7 +81,8 @@ def mpirt_estimate(items: ItemParams, parents: np.ndarray, seen: np.ndarray, y: 
 
 # ---- the seen items -----------------------------------------------------------------------------
 
-def seen_positions(position: dict[str, int], seen_item_ids: Sequence[str], scores: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+def seen_positions(position: dict[str, int], seen_item_ids: Sequence[str],
+                   scores: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Positions and scores of the seen items, checked: known ids, no repeats, scores in [0, 1]."""
     ids = list(seen_item_ids)
     y = np.asarray(scores, dtype=np.float64)
@@ -281,7 +282,8 @@ class GMPIRT(_Calibrated):
         return float(0.5 * self._weighted(pos, y) + 0.5 * mp)
 
 
-_CALIBRATED = {"irt": AnchorIRT, "pirt": PIRT, "gpirt": GPIRT, "mpirt": MPIRT, "gmpirt": GMPIRT}
+_CALIBRATED: dict[str, Callable[[Calibration, int], Estimator]] = {
+    "irt": AnchorIRT, "pirt": PIRT, "gpirt": GPIRT, "mpirt": MPIRT, "gmpirt": GMPIRT}
 
 
 def make_estimator(name: str, budget: float | int, *, calibration: Calibration | None = None,
@@ -300,14 +302,14 @@ def make_estimator(name: str, budget: float | int, *, calibration: Calibration |
     if name in _CALIBRATED:
         if calibration is None:
             raise ValueError(f"estimator '{name}' needs a calibration (see evomerge.irt.calibrate)")
-        return _CALIBRATED[name](calibration, budget)
+        return _CALIBRATED[name](calibration, calibration.budget(budget))
     if item_ids is None:
         raise ValueError(f"estimator '{name}' needs the benchmark's item ids")
     item_ids = list(item_ids)
     if name == "full":
         return Full(item_ids)
     if name == "random":
-        return RandomSubset(item_ids, budget, seed)
+        return RandomSubset(item_ids, resolve_budget(budget, len(item_ids)), seed)
     if groups is None:
         raise ValueError("estimator 'stratified' needs a group label per item (e.g. its skill)")
-    return StratifiedRandom(item_ids, list(groups), budget, seed)
+    return StratifiedRandom(item_ids, list(groups), resolve_budget(budget, len(item_ids)), seed)

@@ -292,7 +292,8 @@ def heldout_loglik(Y: np.ndarray, dim: int, *, folds: int = 5, seed: int = 0, **
     return total / count
 
 
-def select_dim(Y: np.ndarray, dims=(1, 2, 3, 4, 5, 6), *, folds: int = 5, seed: int = 0, **fit_kw) -> tuple[int, dict[int, float]]:
+def select_dim(Y: np.ndarray, dims=(1, 2, 3, 4, 5, 6), *, folds: int = 5, seed: int = 0,
+               **fit_kw) -> tuple[int, dict[int, float]]:
     """The D with the best held-out log-likelihood, and the score of every D tried."""
     scores = {int(d): heldout_loglik(Y, int(d), folds=folds, seed=seed, **fit_kw) for d in dims}
-    return max(scores, key=scores.get), scores
+    return max(scores, key=lambda d: scores[d]), scores

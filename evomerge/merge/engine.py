@@ -24,8 +24,8 @@ from evomerge.merge.config import MergeConfig
 from evomerge.merge.delta_cache import DeltaCache, open_cache, task_vectors
 from evomerge.merge.methods import FastRng, linear_from_deltas, merge_tensor
 from evomerge.merge.plan import MergeError, Sources, _check_architectures, _tensor_names, check_recipe, tensor_params
-from evomerge.merge.sharing import share_model
 from evomerge.merge.residency import Footprint, MemorySettings, choose_policy, process_memory
+from evomerge.merge.sharing import share_model
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
@@ -214,7 +214,7 @@ class MergeEngine:
         return model
 
     @torch.no_grad()
-    def source_model(self, name: str, template: torch.nn.Module | None = None) -> torch.nn.Module:
+    def source_model(self, name: str, template: PreTrainedModel | None = None) -> PreTrainedModel:
         """Source ``name`` as a frozen model (a DFS pool member) that shares memory already held
         instead of loading a copy: the base's weights are the engine's own inputs where they sit on
         the merge device (any policy on a CPU, ``device`` on a GPU); another source on a CPU maps

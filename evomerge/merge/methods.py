@@ -568,7 +568,8 @@ def merge_tensor(
     dtype = _compute_dtype(base, stack)
     out_dtype = base.dtype if base is not None else stack.dtype
     if out is not None and (out.shape != stack.shape[1:] or out.dtype != out_dtype):
-        raise ValueError(f"out has shape {tuple(out.shape)} / {out.dtype}, the result {tuple(stack.shape[1:])} / {out_dtype}")
+        raise ValueError(f"out has shape {tuple(out.shape)} / {out.dtype}, "
+                         f"the result {tuple(stack.shape[1:])} / {out_dtype}")
     if method.blockwise:  # upcasts block by block: no whole float32 copy of a bf16 stack
         return method.fn(base, stack, mp, gp, generator, out=out)
     base_c = base.to(dtype) if base is not None else None

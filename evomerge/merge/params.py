@@ -59,19 +59,21 @@ def evaluate_setting(setting: ParamSetting, tensor_name: str, t: float) -> Any:
         return setting
     if not isinstance(setting, list):
         raise ValueError(f"a parameter setting is a scalar, a gradient or a filter list; got {setting!r}")
-    if not setting:
+    # a list of scalars (a gradient) or of filter entries: which one is checked element by element below
+    items: list[Any] = setting
+    if not items:
         return None
-    if all(_is_scalar(v) for v in setting):
-        if not all(_is_number(v) for v in setting):
-            return setting[int(t * (len(setting) - 1))]
-        scaled = t * (len(setting) - 1)
+    if all(_is_scalar(v) for v in items):
+        if not all(_is_number(v) for v in items):
+            return items[int(t * (len(items) - 1))]
+        scaled = t * (len(items) - 1)
         i0 = int(scaled)
-        i1 = min(len(setting) - 1, i0 + 1)
+        i1 = min(len(items) - 1, i0 + 1)
         frac = scaled - i0
-        return (1 - frac) * setting[i0] + frac * setting[i1]
-    for entry in setting:
+        return (1 - frac) * items[i0] + frac * items[i1]
+    for entry in items:
         _check_filter_entry(entry)
-    for entry in setting:
+    for entry in items:
         pattern = entry.get("filter")
         if pattern is None or pattern == "*" or (tensor_name and pattern in tensor_name):
             return evaluate_setting(entry["value"], tensor_name, t)

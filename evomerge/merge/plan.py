@@ -46,7 +46,7 @@ class Sources:
         for key in ("num_hidden_layers", "n_layer", "num_layers"):
             if key in cfg:
                 return int(cfg[key])
-        found = {layer_index(t) for t in self.index[name]} - {None}
+        found = {i for i in (layer_index(t) for t in self.index[name]) if i is not None}
         return max(found) + 1 if found else 0
 
 
@@ -140,8 +140,9 @@ def check_jobs(config: MergeConfig, method: MergeMethod, sources: Sources) -> li
     for i, sl in enumerate(config.slices or []):
         for s in sl.sources:
             if s.layer_range[1] > num_layers[s.model]:
+                n = num_layers[s.model]
                 raise MergeError(f"slices[{i}]: layer_range {list(s.layer_range)} of '{s.model}' goes past its "
-                                 f"{num_layers[s.model]} layers (ranges are [start, end), end <= {num_layers[s.model]})")
+                                 f"{n} layers (ranges are [start, end), end <= {n})")
     jobs = plan_jobs(config, {m: list(sources.index[m]) for m in config.model_names()}, num_layers)
     for job in jobs:
         shapes = {}

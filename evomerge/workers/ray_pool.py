@@ -78,7 +78,10 @@ class WorkerActor:
 
         ctx = ray.get_runtime_context()
         self.node_id = ctx.get_node_id()
-        self.actor_id = ctx.get_actor_id()
+        actor_id = ctx.get_actor_id()
+        if actor_id is None:
+            raise RuntimeError("WorkerActor runs only as a Ray actor (ray.remote(WorkerActor)), not in a driver")
+        self.actor_id = actor_id
         # cuda[3]: the GPU Ray gave this actor (it sets CUDA_VISIBLE_DEVICES), so reports say which.
         label = f"cuda[{os.environ.get('CUDA_VISIBLE_DEVICES', '')}]" if device == "cuda" else device
         name = f"ray-{self.node_id[:8]}-{self.actor_id[:8]}:{socket.gethostname()}:{os.getpid()}:{label}"
@@ -241,7 +244,8 @@ class RayPool:
             num_cpus=p.cpus, num_gpus=p.gpus, max_restarts=0, max_task_retries=0, scheduling_strategy="SPREAD",
             runtime_env={"env_vars": self._env},
         ).remote(self.worker_kwargs, p.cpus, p.device, list(self._replay))
-        return _Slot(actor, actor.ready.remote())
+        # ray's ActorHandle stub types methods as plain callables, without their .remote
+        return _Slot(actor, actor.ready.remote())  # type: ignore[attr-defined]
 
     def _await_start(self, timeout_s: float) -> None:
         ray = self._ray
@@ -417,7 +421,9 @@ class RayPool:
         others: list[tuple[int, CandidateResult]] = []
         try:
             while remaining:
-                ticket, result = self.next_done()
+                done = self.next_done()
+                assert done is not None  # no timeout: next_done waits until a task finishes
+                ticket, result = done
                 if ticket in remaining:
                     remaining.discard(ticket)
                     yield index[ticket], result
@@ -447,7 +453,8 @@ class RayPool:
                 s.alive = False
                 s.until = now
                 try:
-                    ray.kill(s.actor, no_restart=True)
+                    if ray is not None:
+                        ray.kill(s.actor, no_restart=True)
                 except Exception:  # noqa: BLE001 - a dead actor or a lost connection: nothing to stop
                     pass
         if ray is not None and self._owns_ray and ray.is_initialized():

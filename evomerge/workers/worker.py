@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedModel
 
 from evomerge.evaluate.base import EvalContext, ItemResponses
 from evomerge.evaluate.registry import make_evaluator, run_fitness
@@ -68,7 +68,7 @@ class Worker:
         self.tokenizer = AutoTokenizer.from_pretrained(self.engine.sources.paths[base])
         self.evaluators = {s: {n: make_evaluator(spec, base_dir) for n, spec in specs.items()}
                            for s, specs in benchmarks.items()}
-        self._pool: dict[str, torch.nn.Module] = {}
+        self._pool: dict[str, PreTrainedModel] = {}
 
     # -- data-flow candidates ---------------------------------------------------------------
     def set_pool_member(self, name: str, merge: MergeConfig | None = None) -> None:
