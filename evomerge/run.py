@@ -33,6 +33,7 @@ from evomerge.refs import resolve_model_ref
 from evomerge.runstore import Evaluation, RunStore, write_atomic
 from evomerge.searchers import Searcher, make_searcher, searcher_class
 from evomerge.spaces import Genome, PSGenome, build_space, genome_seed
+from evomerge.tracking import Tracker, open_tracker
 from evomerge.workers import Pool, Task, open_pool, run_tasks
 
 RESUMABLE_OVERRIDES = frozenset({"address", "workers", "gpus_per_worker"})
@@ -94,6 +95,7 @@ class Job:
         self.objectives = objectives_of(exp)
         self._pool = pool
         self._info: dict[str, Any] | None = None
+        self.tracker = Tracker({}, run_dir)  # the experiment's trackers, opened by run()
 
     # -- workers --------------------------------------------------------------------------------
     @property
@@ -148,10 +150,13 @@ class Job:
             self.check_benchmarks()
             estimator = make_fitness_estimator(self.estimator_inputs())
             hand = self.score_hand_recipes()
+            self.score_sources()
+            self.tracker = open_tracker(self.exp.tracking, self.run_dir, self.exp.name)
             for k, (space, phase) in enumerate(zip(self.spaces, self.exp.phases or [])):
                 results.append(self.run_phase(k, space, phase.budget, results, estimator))
             self.finish(results, hand)
         finally:
+            self.tracker.close()
             if self._pool is not None:  # an embedded Ray goes down with the run, also on errors
                 self._pool.close()
         return results
@@ -233,6 +238,7 @@ class Job:
 
             def show(generation: int) -> None:
                 progress.update(task, completed=min(store.count(), budget), gen=generation, best=_best_text(store))
+                self.tracker.on_progress(k, store, generation)
 
             search(searcher, store, self.pool, decode, estimator, view, self.objectives, budget, gen, show)
         best = estimator.final_choice(view)
@@ -258,6 +264,20 @@ class Job:
             fit = self.objectives.fitness(obj)
             known[todo[i]] = {"objectives": obj, "fitness": fit if math.isfinite(fit) else None, "error": result.error}
         write_atomic(path, json.dumps(known, indent=1).encode())
+        return known
+
+    def score_sources(self) -> dict[str, dict[str, Any]]:
+        """Each source model on every fitness item, kept in ``RUN/sources.json`` (a resume scores none
+        again): the reference lines and points of the report's plots."""
+        path = self.run_dir / "sources.json"
+        known: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.exists() else {}
+        todo = [m for m in self.exp.models if m not in known]
+        for i, result in run_tasks(self.pool, [Task(single_model(m), None, "fitness", 0) for m in todo]):
+            obj = dict(result.objectives) if result.ok else {}
+            fit = self.objectives.fitness(obj)
+            known[todo[i]] = {"objectives": obj, "fitness": fit if math.isfinite(fit) else None, "error": result.error}
+        if todo:
+            write_atomic(path, json.dumps(known, indent=1).encode())
         return known
 
     def finish(self, phases: list[PhaseResult], hand: Mapping[str, Mapping[str, Any]]) -> None:
