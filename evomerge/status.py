@@ -116,7 +116,9 @@ def run_status(run_dir: str | Path, now: Optional[float] = None) -> dict[str, An
     if current and current["left_s"] is not None:
         left = current["left_s"] + (later / rate * 60.0 if later and rate else 0.0)
     last = max((p["last_activity_at"] for p in phases if p["last_activity_at"]), default=None)
-    started = min((p["started_at"] for p in phases if p["started_at"]), default=None)
+    # since the experiment was frozen into the folder (``evomerge search``), resumes and pauses included
+    started = min([(run_dir / "experiment.yaml").stat().st_mtime]
+                  + [p["started_at"] for p in phases if p["started_at"]])
     return {
         "run_dir": str(run_dir), "state": state, "phases_total": len(budgets), "phases": phases,
         "hand_recipes": {n: h.get("fitness") for n, h in hand.items()},
