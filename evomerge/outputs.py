@@ -106,6 +106,11 @@ def reference_points(run_dir: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _source_names(run_dir: Path) -> list[str]:
+    path = run_dir / "sources.json"
+    return list(json.loads(path.read_text())) if path.exists() else []
+
+
 def _phase_section(run_dir: Path, ph: PhaseResult, objectives: Objectives, estimated: bool, fmt: str = "png",
                    exported: Mapping[str, Evaluation] | None = None) -> str:
     assert ph.store_path is not None
@@ -119,13 +124,14 @@ def _phase_section(run_dir: Path, ph: PhaseResult, objectives: Objectives, estim
              f"{max((r['generation'] for r in rows), default=-1) + 1} generations. History: "
              f"`{(phase_dir / 'history.csv').relative_to(run_dir)}`.", ""]
     fit = report.plot_fitness(rows, phase_dir / f"fitness.{fmt}", f"phase {ph.index} ({ph.kind})",
-                              {n: r["fitness"] for n, r in refs.items()} if ph.index == 0 else None)
+                              {n: r["fitness"] for n, r in refs.items()} if ph.index == 0 else None,
+                              _source_names(run_dir))
     lines.append(f"![fitness]({fit.relative_to(run_dir)})")
     if objectives.n_obj > 1:
         par = report.plot_pareto(rows, [f"obj_{n}" for n in objectives.names], phase_dir / f"pareto.{fmt}",
                                  {n: r["objectives"] for n, r in refs.items()},
                                  {n: dict(e.objectives) for n, e in (exported or {}).items()
-                                  if isinstance(e.objectives, dict)})
+                                  if isinstance(e.objectives, dict)}, _source_names(run_dir))
         lines.append(f"![pareto]({par.relative_to(run_dir)})")
     best = ph.best[0]
     if ph.kind == "ps":

@@ -34,9 +34,10 @@ def write_history_csv(rows: Sequence[dict], path: Path) -> Path:
 
 
 def plot_fitness(rows: Sequence[dict], path: Path, title: str = "fitness by generation",
-                 references: Mapping[str, float] | None = None) -> Path:
+                 references: Mapping[str, float] | None = None, sources: Sequence[str] = ()) -> Path:
     """Best-so-far, generation best and generation median of the scalar fitness; each reference (a
-    source model, a hand recipe: its fitness on the same split) as a labelled horizontal line."""
+    source model, dotted grey, or a hand recipe, dashed: its fitness on the same split) as a
+    horizontal line labelled on the right."""
     gens = sorted({r["generation"] for r in rows if r.get("generation") is not None})
     best_gen, median, best_so_far, running = [], [], [], -math.inf
     for g in gens:
@@ -50,10 +51,7 @@ def plot_fitness(rows: Sequence[dict], path: Path, title: str = "fitness by gene
     ax.plot(gens, best_gen, label="generation best", alpha=0.8, color="C1", lw=1)
     ax.plot(gens, median, label="generation median", alpha=0.8, color="C2", lw=1)
     refs = {k: v for k, v in (references or {}).items() if _finite(v)}
-    for j, (label, value) in enumerate(sorted(refs.items(), key=lambda kv: -kv[1])):
-        ax.axhline(value, color=f"C{(j + 3) % 10}", ls="--", lw=1, alpha=0.8)
-        ax.annotate(f"{label} {value:.3f}", xy=(1.0, value), xycoords=("axes fraction", "data"),
-                    xytext=(4, 0), textcoords="offset points", va="center", fontsize=7, color=f"C{(j + 3) % 10}")
+    _reference_lines(ax, refs, set(sources or ()), [v for v in best_so_far + median if _finite(v)])
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if gens:
         ax.set_xlim(min(gens) - 0.3, max(gens) + 0.3)
@@ -61,18 +59,43 @@ def plot_fitness(rows: Sequence[dict], path: Path, title: str = "fitness by gene
     ax.set_ylabel("fitness (mean accuracy, fitness split)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best", framealpha=0.9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
+def _reference_lines(ax: plt.Axes, refs: Mapping[str, float], sources: set[str], curve: Sequence[float]) -> None:
+    """Horizontal lines with their labels at the right edge, pushed apart so that none overlap."""
+    if not refs:
+        return
+    values = [*refs.values(), *curve]
+    lo, hi = min(values), max(values)
+    pad = 0.05 * max(hi - lo, 1e-3)
+    ax.set_ylim(lo - pad, hi + pad)
+    gap = 0.045 * (hi - lo + 2 * pad)
+    order = sorted(refs.items(), key=lambda kv: -kv[1])
+    ys: list[float] = []
+    for _, v in order:  # from the top down: each label at most at its line, at least `gap` below the last
+        ys.append(min(v, ys[-1] - gap) if ys else v)
+    hand = 0
+    for (label, value), y in zip(order, ys):
+        if label in sources:
+            color, style = "0.45", ":"
+        else:
+            color, style, hand = f"C{(hand + 3) % 10}", "--", hand + 1
+        ax.axhline(value, color=color, ls=style, lw=1.1, alpha=0.9)
+        ax.annotate(f"{label} {value:.3f}", xy=(1.0, value), xycoords=("axes fraction", "data"),
+                    xytext=(1.02, y), textcoords=("axes fraction", "data"), va="center", fontsize=7, color=color,
+                    arrowprops=dict(arrowstyle="-", color=color, lw=0.5, shrinkA=0, shrinkB=0))
+
+
 def plot_pareto(rows: Sequence[dict], names: Sequence[str], path: Path,
                 references: Mapping[str, Mapping[str, float]] | None = None,
-                exported: Mapping[str, Mapping[str, float]] | None = None) -> Path:
-    """All candidates on the first two objectives, the front highlighted; reference models (sources,
-    hand recipes) as labelled stars, the exported models circled."""
+                exported: Mapping[str, Mapping[str, float]] | None = None, sources: Sequence[str] = ()) -> Path:
+    """All candidates on the first two objectives, the front highlighted; the source models as
+    labelled stars, the hand recipes as diamonds, the exported models circled."""
     pts = np.array([[r[n] for n in names[:2]] for r in rows if all(_finite(r.get(n)) for n in names[:2])])
     plain = [n.removeprefix("obj_") for n in names[:2]]
     fig, ax = plt.subplots(figsize=(6.4, 5.4))
@@ -83,7 +106,9 @@ def plot_pareto(rows: Sequence[dict], names: Sequence[str], path: Path,
         ax.plot(front[:, 0], front[:, 1], "o-", color="C3", ms=4, label="Pareto front")
     for label, acc in (references or {}).items():
         if all(_finite(acc.get(n)) for n in plain):
-            ax.scatter([acc[plain[0]]], [acc[plain[1]]], marker="*", s=110, color="k", zorder=3)
+            source = label in sources
+            ax.scatter([acc[plain[0]]], [acc[plain[1]]], marker="*" if source else "D", s=110 if source else 40,
+                       color="k" if source else "C4", zorder=3)
             ax.annotate(label, (acc[plain[0]], acc[plain[1]]), xytext=(5, 3), textcoords="offset points", fontsize=7)
     first = True
     for label, acc in (exported or {}).items():
@@ -93,7 +118,9 @@ def plot_pareto(rows: Sequence[dict], names: Sequence[str], path: Path,
             ax.annotate(label, (acc[plain[0]], acc[plain[1]]), xytext=(6, -10), textcoords="offset points",
                         fontsize=7, color="C3")
             first = False
-    ax.scatter([], [], marker="*", s=110, color="k", label="sources and hand recipes")
+    if references:
+        ax.scatter([], [], marker="*", s=110, color="k", label="source models")
+        ax.scatter([], [], marker="D", s=40, color="C4", label="hand recipes")
     ax.set_xlabel(plain[0])
     ax.set_ylabel(plain[1])
     ax.set_title("objectives of every candidate (fitness split)")
