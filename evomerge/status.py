@@ -161,7 +161,7 @@ def render(status: dict[str, Any]) -> Any:
         t.add_column(style="dim")
         t.add_column()
         t.add_row("candidates", f"{p['done']} / {p['budget']} ({p['failed']} failed)")
-        t.add_row("generations told", str(p["generations"]))
+        t.add_row("generation", f"{p['generations']} ({p['generations']} told)")
         if p["best"]:
             b = p["best"]
             obj = b["objectives"]

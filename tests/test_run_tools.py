@@ -183,3 +183,45 @@ def test_mlflow_local_file_store(zoo, tmp_path):
         told = sum(g.told for g in store.generations())
     history = MlflowClient(tracking_uri=uri).get_metric_history(run_id, "phase0.best")
     assert sorted(m.step for m in history) == list(range(told))
+
+
+def test_choose_by_rank_hash_and_pareto_on_a_real_store(tmp_path):
+    """The choice rules on a run store written by hand: ranks by fitness (earliest among equals), hash
+    prefixes that must be unique, failures never chosen, the Pareto set over the named objectives."""
+    from evomerge.candidates import choose
+    from evomerge.runstore import Evaluation
+
+    with RunStore(tmp_path / "run.sqlite") as store:
+        for i, (a, b) in enumerate([(0.9, 0.1), (0.5, 0.5), (0.1, 0.9), (0.4, 0.4), (0.5, 0.5)]):
+            store.record(Evaluation.of([float(i)], {"a": a, "b": b}, fitness=(a + b) / 2, generation=0))
+        store.record(Evaluation.of([9.0], None, error="out of memory", generation=0))
+        evs = store.evaluations()
+    assert [e.genome[0] for e in choose(evs, rank=1)] == [0.0]  # 0.5 for four of them: the first recorded
+    assert choose(evs, rank=5)[0].genome[0] == 3.0
+    with pytest.raises(ValueError, match="choose 1..5"):
+        choose(evs, rank=6)
+    failed = evs[-1]
+    with pytest.raises(ValueError, match="out of memory"):
+        choose(evs, hash_prefix=failed.genome_hash[:12])
+    with pytest.raises(ValueError, match="no candidate"):
+        choose(evs, hash_prefix="zz")
+    with pytest.raises(ValueError, match="exactly one"):
+        choose(evs, rank=1, pareto=True)
+    # 1 and 4 score the same: neither dominates the other, both are on the front
+    assert sorted(e.genome[0] for e in choose(evs, pareto=True)) == [0.0, 1.0, 2.0, 4.0]
+
+
+def test_tracking_config_is_checked_before_any_model_loads(tmp_path):
+    from evomerge.config import experiment_from_data
+
+    base = {"name": "t", "models": {"base": "zoo:base", "rev": "zoo:rev"}, "base_model": "base",
+            "search_space": "ps_task_arithmetic_layers", "budget": {"evaluations": 4},
+            "fitness": {"objectives": [{"name": "rev", "benchmark": {"type": "items", "path": "zoo:rev/fitness"}}]}}
+    assert experiment_from_data({**base, "tracking": {"tensorboard": "tb"}}, tmp_path / "e.yaml").tracking
+    with pytest.raises(ValueError, match="tensorboard"):  # a misspelt key names the allowed ones
+        experiment_from_data({**base, "tracking": {"tensorbord": "tb"}}, tmp_path / "e.yaml")
+    with pytest.raises(ValueError, match="offline"):
+        experiment_from_data({**base, "tracking": {"wandb": {"project": "p", "mode": "local"}}}, tmp_path / "e.yaml")
+    if importlib.util.find_spec("mlflow") is None:
+        with pytest.raises(ValueError, match=r"evomerge\[mlflow\]"):
+            experiment_from_data({**base, "tracking": {"mlflow": {"tracking_uri": "file:x"}}}, tmp_path / "e.yaml")
