@@ -200,10 +200,11 @@ def status_cmd(run_dir: Path = typer.Argument(..., exists=True, file_okay=False,
             return
         from rich.live import Live
 
-        with Live(render(run_status(run_dir)), console=out, refresh_per_second=1) as live:
+        cache: dict[str, dict[int, int]] = {}  # items per evaluation: each refresh decodes only new ones
+        with Live(render(run_status(run_dir, cache=cache)), console=out, refresh_per_second=1) as live:
             while True:
                 time.sleep(every)
-                status = run_status(run_dir)
+                status = run_status(run_dir, cache=cache)
                 live.update(render(status))
                 if status["state"] == "done":
                     break

@@ -47,20 +47,21 @@ def phase_stores(run_dir: Path) -> list[tuple[int, str, Path]]:
     return sorted(out)
 
 
-def _items(responses: Any) -> int:
-    """Items scored in one evaluation's stored responses (a list of ItemResponses.to_json())."""
-    return sum(len(r.get("scores", ())) for r in responses or () if isinstance(r, dict))
+def phase_status(store: RunStore, index: int, kind: str, budget: int, now: float,
+                 items_seen: Optional[dict[int, int]] = None) -> dict[str, Any]:
+    """One phase: candidates, generations, best so far, items, rates, workers, failures, timing.
 
-
-def phase_status(store: RunStore, index: int, kind: str, budget: int, now: float) -> dict[str, Any]:
-    """One phase: candidates, generations, best so far, items, rates, workers, failures, timing."""
-    evs = store.evaluations()
+    ``items_seen`` (rowid -> items scored) is filled and reused across calls (``--watch``), so a
+    refresh decodes only the responses recorded since the last one."""
+    evs = store.evaluations(responses=False)
+    seen = {} if items_seen is None else items_seen
+    seen.update(store.item_counts(max(seen, default=0)))
     gens = store.generations()
     ok = [e for e in evs if e.ok]
     failed = [e for e in evs if not e.ok]
     best = max(ok, key=lambda e: (e.fitness if e.fitness is not None else float("-inf"), -(e.rowid or 0)),
                default=None)
-    items = [_items(e.responses) for e in evs]
+    items = [seen.get(e.rowid or 0, 0) for e in evs]
     started = min([g.asked_at for g in gens] + [e.created_at - (e.seconds or 0.0) for e in evs], default=None)
     last = max([e.created_at for e in evs] + [g.told_at or g.asked_at for g in gens], default=None)
     window = evs[-RATE_WINDOW:]
@@ -90,15 +91,18 @@ def phase_status(store: RunStore, index: int, kind: str, budget: int, now: float
     }
 
 
-def run_status(run_dir: str | Path, now: Optional[float] = None) -> dict[str, Any]:
-    """The whole run as plain values (what ``--json`` prints)."""
+def run_status(run_dir: str | Path, now: Optional[float] = None,
+               cache: Optional[dict[str, dict[int, int]]] = None) -> dict[str, Any]:
+    """The whole run as plain values (what ``--json`` prints); ``cache`` (kept by the caller between
+    refreshes) holds each store's items per evaluation."""
     run_dir = Path(run_dir)
     now = time.time() if now is None else now
     budgets = phase_budgets(run_dir)
     phases = []
     for index, kind, path in phase_stores(run_dir):
         with RunStore(path, readonly=True) as store:
-            phases.append(phase_status(store, index, kind, budgets[index] if index < len(budgets) else 0, now))
+            seen = None if cache is None else cache.setdefault(str(path), {})
+            phases.append(phase_status(store, index, kind, budgets[index] if index < len(budgets) else 0, now, seen))
     hand_path = run_dir / "hand_recipes.json"
     hand = json.loads(hand_path.read_text()) if hand_path.exists() else {}
     if (run_dir / "summary.json").exists():
