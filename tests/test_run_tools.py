@@ -225,3 +225,27 @@ def test_tracking_config_is_checked_before_any_model_loads(tmp_path):
     if importlib.util.find_spec("mlflow") is None:
         with pytest.raises(ValueError, match=r"evomerge\[mlflow\]"):
             experiment_from_data({**base, "tracking": {"mlflow": {"tracking_uri": "file:x"}}}, tmp_path / "e.yaml")
+
+
+def test_pareto_search_draws_svg_and_exports_the_front(zoo, tmp_path):
+    """NSGA-II on two objectives with `export: {figures: svg}`: the Pareto plot is an SVG, and
+    `evomerge export --pareto` writes every non-dominated candidate of the store, each with its recipe."""
+    from evomerge.candidates import choose
+    from evomerge.run import start
+
+    exp = experiment(zoo, tmp_path, budget={"evaluations": 12}, searcher={"name": "nsga2", "options": {"pop_size": 6}},
+                     export={"top_k": 2, "figures": "svg"}, references=[])
+    exp["fitness"]["objectives"] = exp["fitness"]["objectives"][:2]
+    exp["fitness"]["test"] = exp["fitness"]["test"][:2]
+    (tmp_path / "exp.yaml").write_text(__import__("yaml").safe_dump(exp))
+    run = start(tmp_path / "exp.yaml", tmp_path / "run")
+    assert (run / "phase0-ps" / "pareto.svg").read_text().lstrip().startswith("<?xml")
+    assert not (run / "phase0-ps" / "pareto.png").exists()
+    cli("export", str(run), "--pareto", "-o", str(tmp_path / "front"))
+    with RunStore(run / "phase0-ps" / "run.sqlite", readonly=True) as store:
+        front = choose(store.evaluations(), pareto=True)
+    written = sorted(p.name for p in (tmp_path / "front").iterdir() if p.is_dir())
+    assert written == sorted(f"pareto-{j + 1}" for j in range(len(front)))
+    hashes = {json.loads((tmp_path / "front" / f"{n}.candidate.json").read_text())["genome_hash"] for n in written}
+    assert hashes == {e.genome_hash for e in front}
+    assert all((tmp_path / "front" / f"{n}.mergekit.yml").exists() for n in written)
