@@ -152,13 +152,27 @@ class Objective(Strict):
 
 
 class EstimatorSpec(Strict):
-    kind: Literal["full", "random", "irt", "pirt", "gpirt", "mpirt", "gmpirt"] = "full"
+    kind: Literal["full", "random", "irt", "pirt", "gpirt", "mpirt", "gmpirt", "adaptive"] = "full"
     budget: float = Field(1.0, gt=0)  # fraction of items (<= 1) or a count (> 1)
     calibration: Optional[str] = None  # file; default: calibrate at the start of the run
-    calibration_models: int = Field(60, ge=0)  # random merges evaluated on every item to calibrate
+    calibration_models: Optional[int] = Field(None, ge=0)  # random merges scored on every item to calibrate
+    #                                                       (default 60 for the IRT kinds, 8 for adaptive)
     drift_every: int = Field(0, ge=0)  # every K generations score the best on all items (0: never)
     drift_threshold: float = Field(0.03, gt=0)
     final_top_k: int = Field(5, ge=0)  # the k best estimates are scored on every item; the best of them wins
+    # adaptive: stop a candidate when its predicted score's standard error is below tolerance (per
+    # benchmark) or at max_items (a fraction or a count); start_items, then batch items a round
+    tolerance: float = Field(0.02, gt=0)
+    max_items: float = Field(0.25, gt=0)
+    start_items: int = Field(16, ge=1)
+    batch: int = Field(16, ge=1)
+    refit_every: int = Field(5, ge=0)  # generations between refits on the search's own answers (0: never)
+
+    @property
+    def models_to_calibrate(self) -> int:
+        if self.calibration_models is not None:
+            return self.calibration_models
+        return 8 if self.kind == "adaptive" else 60
 
     @field_validator("kind", mode="before")
     @classmethod

@@ -71,10 +71,38 @@ def reference_recipes(base: str, others: list[str], hand: Sequence[Reference]) -
     return refs
 
 
+def items_scored(run_dir: Path, phases: Sequence[PhaseResult], full_items: int, hand_recipes: int,
+                 checked: int) -> dict[str, int]:
+    """Every fitness item the run scored, by what it was for, so that runs compare by one number.
+
+    ``full_items``: the items of one full evaluation (every item benchmark); ``checked``: the items of
+    the benchmark check before the search. Calibration counts the population scored before the search
+    (refits and drift recalibrations reuse answers already counted); final_and_report: the candidates
+    scored on every item to confirm the final choice and to measure the estimator's error."""
+    calibration = 0
+    initial = run_dir / "calibration" / "initial"
+    for pop in sorted(initial.glob("*.population.npz")) if (initial / "complete").exists() else []:
+        with np.load(pop, allow_pickle=False) as z:
+            calibration += int(np.isfinite(z["responses"]).sum())
+    search = drift = confirmed = refits = 0
+    for ph in phases:
+        assert ph.store_path is not None
+        with RunStore(ph.store_path, readonly=True) as store:
+            search += sum(len(r["item_ids"]) for e in store.evaluations() for r in (e.responses or []))
+            drift += len(store.get_meta("drift", []) or []) * full_items
+            confirmed += sum(x["items"] for s in (store.get_meta("full_scores", {}) or {}).values()
+                             for x in s.values())
+        refits += sum(1 for p in (run_dir / "calibration").glob(f"t{ph.index:03d}*") if (p / "complete").exists())
+    parts = {"calibration": calibration, "search": search, "drift": drift, "final_and_report": confirmed,
+             "hand_recipes": hand_recipes * full_items, "checks": checked}
+    return {"total": sum(parts.values()), **parts, "refits": refits, "full_evaluation": full_items}
+
+
 def write_outputs(run_dir: Path, exp: Experiment, phases: list[PhaseResult], objectives: Objectives,
                   chosen: Mapping[str, Recipe], test: Mapping[str, Mapping[str, Any]],
                   util: Mapping[str, Mapping[str, float]], console: Console,
-                  hand: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
+                  hand: Mapping[str, Mapping[str, Any]] | None = None,
+                  items: Mapping[str, int] | None = None) -> Path:
     """test_results.json, summary.json, each phase's history and plots, report.md; the test table printed."""
     final = phases[-1]
     (run_dir / "test_results.json").write_text(json.dumps(test, indent=1))
@@ -88,6 +116,7 @@ def write_outputs(run_dir: Path, exp: Experiment, phases: list[PhaseResult], obj
         "worker_utilization": {w: u["busy_s"] / max(u["wall_s"], 1e-9) for w, u in util.items()},
         "hand_recipes_fitness": {n: h.get("fitness") for n, h in (hand or {}).items()},
         "exported_hand_recipe": final.exported_hand_recipe,
+        "items_scored": dict(items or {}),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
     _write_report(run_dir, exp, sections, test, util, chosen, final, hand or {})

@@ -126,8 +126,13 @@ class Job:
             out[names[i]] = {r.benchmark: r.scores for r in result.responses}
         return out
 
+    def item_ids(self, which: str) -> dict[str, Optional[list[str]]]:
+        """Every item of each benchmark of the set (None for custom functions, which choose their own)."""
+        ids: dict[str, Optional[list[str]]] = self.pool.broadcast("item_ids", which)[0]
+        return ids
+
     def estimator_inputs(self) -> EstimatorInputs:
-        item_ids = {n: v for n, v in self.pool.broadcast("item_ids", "fitness")[0].items() if v is not None}
+        item_ids = {n: v for n, v in self.item_ids("fitness").items() if v is not None}
         return EstimatorInputs(self.exp.fitness.estimator, self.exp.seed, item_ids, self.objectives, self.score_all,
                                self.run_dir, self.exp_dir, self.calibration_recipes,
                                say=lambda text: self.console.print(text, soft_wrap=True))
@@ -166,7 +171,7 @@ class Job:
         so a benchmark that cannot run at all stops the run with its first error, in one line, instead
         of failing every candidate."""
         for which in ("fitness", "test"):
-            ids = self.pool.broadcast("item_ids", which)[0]
+            ids = self.item_ids(which)
             if not ids:
                 continue
             few = {n: (v[:4] if v is not None else None) for n, v in ids.items()}
@@ -303,8 +308,12 @@ class Job:
             self.console.print("evaluating the chosen model(s) and the references on the held-out test split...")
             recipes = {**chosen, **earlier, **outputs.reference_recipes(exp.base_model, self.others, exp.references)}
             test = self.score_test(recipes)
+        full_items = sum(len(v) for v in self.item_ids("fitness").values() if v is not None)
+        checked = sum(min(4, len(v)) for which in ("fitness", "test") for v in self.item_ids(which).values()
+                      if v is not None)
+        items = outputs.items_scored(self.run_dir, phases, full_items, len(hand), checked)
         outputs.write_outputs(self.run_dir, exp, phases, self.objectives, chosen, test, self.pool.utilization(),
-                              self.console, hand)
+                              self.console, hand, items)
 
     def score_test(self, recipes: Mapping[str, Recipe]) -> dict[str, dict[str, Any]]:
         """Full evaluation on the held-out test benchmarks, which the search never saw."""

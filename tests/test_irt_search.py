@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import random
-import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from test_search import experiment, final_state, kill_and_resume, run_cli
 
 from evomerge.irt.calibration import Calibration
-from evomerge.runstore import RunStore
 from evomerge.run import start
-from test_search import EVOMERGE, experiment, final_state, run_cli
+from evomerge.runstore import RunStore
 
 
 def _with_estimator(exp: dict, tmp: Path, estimator: dict) -> dict:
@@ -82,16 +80,7 @@ def test_drift_guard_recalibrates_and_a_killed_run_resumes_exactly(zoo, tmp_path
 
     cut = tmp_path / "cut"
     rng = random.Random(1)
-    args = ["search", str(tmp_path / "exp.yaml"), "-o", str(cut)]
-    kills = 0
-    for point in sorted(rng.sample(range(2, 24), 2)):
-        code, _ = run_cli(args, tmp_path, kill_at=point, store=cut / "phase0-ps" / "run.sqlite",
-                          delay=rng.uniform(0, 1.0))
-        kills += code == -signal.SIGKILL
-        args = ["resume", str(cut)]
-    assert kills == 2
-    code, out = run_cli(["resume", str(cut)], tmp_path)
-    assert code == 0, out
+    assert kill_and_resume(tmp_path / "exp.yaml", cut, tmp_path, sorted(rng.sample(range(2, 24), 2)), rng, 1.0) == 2
     resumed, hashes = final_state(cut)
     np.testing.assert_array_equal(resumed[0], reference[0])
     assert resumed[1:] == reference[1:]

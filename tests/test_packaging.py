@@ -5,6 +5,7 @@ name on the zoo (presets and lm-eval task files are package data)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -20,8 +21,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_wheel_holds_the_presets_and_runs_a_search_from_a_fresh_venv(zoo, tmp_path):
     wheels = tmp_path / "wheels"
+    # built from a copy of the source tree, so that no build/ folder is left in (or reused from) it
+    src = tmp_path / "src"
+    skip = shutil.ignore_patterns(".git", ".venv", "build", "dist", "runs", ".cache", ".mypy_cache", ".ruff_cache",
+                                  "*.egg-info", "__pycache__", ".pytest_cache")
+    shutil.copytree(ROOT, src, ignore=skip)
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(wheels), str(ROOT)], capture_output=True, text=True)
+                            "-w", str(wheels), str(src)], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr[-3000:]
     wheel = next(wheels.glob("evomerge-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()

@@ -130,7 +130,8 @@ def test_a_search_never_exports_below_a_hand_recipe(zoo, tmp_path):
     assert [m["parameters"]["weight"] for m in recipe["models"]] == pytest.approx([1 / 3] * 3)
     test = json.loads((run_dir / "test_results.json").read_text())
     assert test["best"] == test["uniform merge"]
-    assert "the hand recipe 'uniform merge' scored higher and is exported as best" in (run_dir / "report.md").read_text()
+    report = (run_dir / "report.md").read_text()
+    assert "the hand recipe 'uniform merge' scored higher and is exported as best" in report
 
 
 def run_cli(args: list[str], cwd: Path, kill_at: int | None = None, store: Path | None = None,
@@ -162,6 +163,25 @@ def run_cli(args: list[str], cwd: Path, kill_at: int | None = None, store: Path 
     return proc.returncode, out
 
 
+def kill_and_resume(exp_path: Path, run_dir: Path, cwd: Path, points: list[int], rng: random.Random,
+                    max_delay: float) -> int:
+    """Start a search, SIGKILL it once its store holds each of ``points`` evaluations (plus up to
+    ``max_delay`` seconds, to land inside an evaluation, a tell or the export), resume after each
+    kill, and finish with a resume; returns how many kills landed."""
+    store = run_dir / "phase0-ps" / "run.sqlite"
+    args = ["search", str(exp_path), "-o", str(run_dir)]
+    kills = 0
+    for point in points:
+        code, _ = run_cli(args, cwd, kill_at=point, store=store, delay=rng.uniform(0, max_delay))
+        kills += code == -signal.SIGKILL
+        args = ["resume", str(run_dir)]
+        if code == 0:
+            break
+    code, out = run_cli(["resume", str(run_dir)], cwd)
+    assert code == 0, out
+    return kills
+
+
 def test_killed_and_resumed_run_follows_the_same_trajectory(zoo, tmp_path):
     experiment(zoo, tmp_path, budget={"evaluations": 36})
     ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
@@ -170,18 +190,8 @@ def test_killed_and_resumed_run_follows_the_same_trajectory(zoo, tmp_path):
     reference, _ = final_state(ref_dir)
 
     rng = random.Random(0)
-    store = cut_dir / "phase0-ps" / "run.sqlite"
     kill_points = sorted(rng.sample(range(1, 36), 3)) + [36]  # the last one lands in the export
-    args = ["search", str(tmp_path / "exp.yaml"), "-o", str(cut_dir)]
-    kills = 0
-    for point in kill_points:
-        code, out = run_cli(args, tmp_path, kill_at=point, store=store, delay=rng.uniform(0, 0.5))
-        kills += code == -signal.SIGKILL
-        args = ["resume", str(cut_dir)]
-        if code == 0:
-            break
-    code, out = run_cli(["resume", str(cut_dir)], tmp_path)
-    assert code == 0, out
+    kills = kill_and_resume(tmp_path / "exp.yaml", cut_dir, tmp_path, kill_points, rng, 0.5)
     assert kills >= 3, f"only {kills} kills landed"
     resumed, hashes = final_state(cut_dir)
     np.testing.assert_array_equal(resumed[0], reference[0])
@@ -198,7 +208,7 @@ def test_steady_state_searcher_killed_and_resumed_follows_the_same_trajectory(zo
     arrives. Killed at random points and resumed, it evaluates and tells exactly what an uninterrupted
     run does (one worker: the order of tells is the order of asks)."""
     experiment(zoo, tmp_path, budget={"evaluations": 14},
-               searcher={"name": "nevergrad:TwoPointsDE", "options": {"num_workers": 1}})
+               searcher={"name": "nevergrad:TwoPointsDE", "options": {"num_workers": 1, "budget": 14}})
     ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
     code, out = run_cli(["search", str(tmp_path / "exp.yaml"), "-o", str(ref_dir)], tmp_path)
     assert code == 0, out
@@ -206,20 +216,13 @@ def test_steady_state_searcher_killed_and_resumed_follows_the_same_trajectory(zo
     assert reference[3] == 14  # one generation per tell
 
     rng = random.Random(1)
-    store = cut_dir / "phase0-ps" / "run.sqlite"
-    args = ["search", str(tmp_path / "exp.yaml"), "-o", str(cut_dir)]
-    kills = 0
-    for point in sorted(rng.sample(range(2, 13), 2)):
-        code, out = run_cli(args, tmp_path, kill_at=point, store=store, delay=rng.uniform(0, 0.3))
-        kills += code == -signal.SIGKILL
-        args = ["resume", str(cut_dir)]
-    code, out = run_cli(["resume", str(cut_dir)], tmp_path)
-    assert code == 0, out
+    kills = kill_and_resume(tmp_path / "exp.yaml", cut_dir, tmp_path, sorted(rng.sample(range(2, 13), 2)), rng, 0.3)
     assert kills == 2, f"only {kills} kills landed"
     resumed, hashes = final_state(cut_dir)
     assert hashes == ref_hashes  # the same genomes, recorded in the same order, each once
     np.testing.assert_array_equal(resumed[0], reference[0])
     assert resumed[1:] == reference[1:]
+    store = cut_dir / "phase0-ps" / "run.sqlite"
     with RunStore(ref_dir / "phase0-ps" / "run.sqlite", readonly=True) as a, RunStore(store, readonly=True) as b:
         assert [g.best for g in a.generations()] == [g.best for g in b.generations()]
         assert all(g.best is not None and g.best_hash for g in b.generations())

@@ -1,6 +1,7 @@
 """Fitness estimators behind one interface (``base.FitnessEstimator``): ``full`` (every item),
 ``random`` (a fixed random subset) and the IRT family ``irt``, ``pirt``, ``gpirt``, ``mpirt``,
-``gmpirt`` (anchors chosen by a calibration on the user's own benchmark)."""
+``gmpirt`` (anchors chosen by a calibration on the user's own benchmark) and ``adaptive`` (items
+chosen per candidate until its score is known to a tolerance; calibration refitted on the search)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,10 @@ def make_fitness_estimator(inputs: EstimatorInputs) -> FitnessEstimator:
         from evomerge.estimators.reduced import SubsampledFitness
 
         return SubsampledFitness(inputs)
+    if kind == "adaptive":
+        from evomerge.estimators.adaptive import AdaptiveFitness
+
+        return AdaptiveFitness(inputs)
     from evomerge.estimators.irt import IRT_KINDS, IRTFitness
 
     if kind not in IRT_KINDS:

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
+import numpy as np
+
+from evomerge.estimators.base import EstimatorInputs
 from evomerge.irt.calibrate import Population
 from evomerge.irt.calibration import Calibration
 
@@ -49,6 +52,18 @@ class CalibrationLog:
     def save(self, tag: int, cals: Mapping[str, Calibration], pops: Mapping[str, Population]) -> None:
         """Write a complete calibration for ``tag`` (the marker last, after every file)."""
         save_calibrations(self.folder(tag), cals, pops)
+
+
+def score_population(inputs: EstimatorInputs, n_models: int) -> tuple[dict[str, Population], list[str]]:
+    """The calibration population (the sources and ``n_models`` random genomes) scored on every fitness
+    item: a population per benchmark, and the names of the sources among its members (the parents)."""
+    recipes = inputs.calibration_recipes(n_models)
+    inputs.say(f"calibrating the fitness estimator ({inputs.spec.kind}): {len(recipes)} models x "
+               f"{sum(len(v) for v in inputs.item_ids.values())} items")
+    full = inputs.score_all(recipes)
+    names = list(recipes)
+    pops = {b: Population(names, ids, np.stack([full[n][b] for n in names])) for b, ids in inputs.item_ids.items()}
+    return pops, [n for n in names if n.startswith("source:")]
 
 
 def save_calibrations(folder: Path, cals: Mapping[str, Calibration], pops: Mapping[str, Population]) -> None:

@@ -18,7 +18,7 @@ from typing import Mapping
 import numpy as np
 
 from evomerge.estimators.base import EstimatorInputs, PhaseView
-from evomerge.estimators.calibrations import INITIAL, CalibrationLog, save_calibrations, tag_of
+from evomerge.estimators.calibrations import INITIAL, CalibrationLog, save_calibrations, score_population, tag_of
 from evomerge.estimators.reduced import ReducedFitness
 from evomerge.irt.calibrate import Population, calibrate
 from evomerge.irt.calibration import Calibration
@@ -31,13 +31,7 @@ def calibrate_population(inputs: EstimatorInputs, folder: Path, n_models: int | 
     """Score the calibration population on every fitness item, calibrate each benchmark, save the
     calibrations (and populations) into ``folder``; ``evomerge irt calibrate`` is this alone."""
     spec = inputs.spec
-    recipes = inputs.calibration_recipes(spec.calibration_models if n_models is None else n_models)
-    inputs.say(f"calibrating the fitness estimator: {len(recipes)} models x "
-               f"{sum(len(v) for v in inputs.item_ids.values())} items")
-    full = inputs.score_all(recipes)
-    names = list(recipes)
-    parents = [n for n in names if n.startswith("source:")]
-    pops = {b: Population(names, ids, np.stack([full[n][b] for n in names])) for b, ids in inputs.item_ids.items()}
+    pops, parents = score_population(inputs, spec.models_to_calibrate if n_models is None else n_models)
     cals = {b: calibrate(pop, parents, budgets=[spec.budget], benchmark=b, seed=inputs.seed) for b, pop in pops.items()}
     save_calibrations(folder, cals, pops)
     for b, cal in cals.items():

@@ -198,7 +198,11 @@ class Searcher(ABC):
         """Whether searcher ``name`` with ``options`` is told every objective (a Pareto search) rather
         than the scalar fitness: ``multi_objective: true`` in the options of a searcher that can do
         either (random, nevergrad); pymoo decides by its algorithm."""
-        return cls.multi_objective and bool(options.get("multi_objective", False))
+        several = bool(options.get("multi_objective", False))
+        if several and not cls.multi_objective:
+            raise ValueError(f"{name} optimizes a single objective (multi_objective: true asks for a Pareto search); "
+                             f"use 'nsga2' (or another multi-objective searcher) for several objectives")
+        return several
 
     def __init__(self, spec: SearcherSpec) -> None:
         if spec.n_obj > 1 and not self.multi_objective:
