@@ -186,6 +186,75 @@ def resume_cmd(run_dir: Path = typer.Argument(..., exists=True, file_okay=False,
     print(run_dir)
 
 
+@app.command("status")
+def status_cmd(run_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="A run folder."),
+               watch: bool = typer.Option(False, "--watch", help="Refresh until the run is done (Ctrl-C to stop)."),
+               every: float = typer.Option(5.0, help="Seconds between refreshes with --watch."),
+               as_json: bool = typer.Option(False, "--json", help="Print the status as JSON, for scripts."),
+               ) -> None:
+    """Where a search stands, read from its folder (safe while it runs): phase, generation, candidates /
+    budget, best so far, items scored, throughput, workers' busy share, failures, time elapsed and left."""
+    import json
+    import time
+
+    from evomerge.status import render, run_status
+
+    try:
+        if as_json:
+            print(json.dumps(run_status(run_dir), indent=1))
+            return
+        out = Console()
+        if not watch:
+            out.print(render(run_status(run_dir)))
+            return
+        from rich.live import Live
+
+        cache: dict[str, dict[int, int]] = {}  # items per evaluation: each refresh decodes only new ones
+        with Live(render(run_status(run_dir, cache=cache)), console=out, refresh_per_second=1) as live:
+            while True:
+                time.sleep(every)
+                status = run_status(run_dir, cache=cache)
+                live.update(render(status))
+                if status["state"] == "done":
+                    break
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
+    except ValueError as err:
+        _fail(str(err))
+
+
+@app.command("export")
+def export_cmd(run_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="A run folder."),
+               out: Path = typer.Option(..., "-o", "--out", help="Output folder (a Hugging Face checkpoint)."),
+               rank: Optional[int] = typer.Option(None, help="The K-th best candidate by fitness (1 = best)."),
+               hash_: Optional[str] = typer.Option(None, "--hash", help="The candidate whose genome hash starts so."),
+               pareto: bool = typer.Option(False, "--pareto", help="Every Pareto-optimal candidate: OUT/pareto-N."),
+               phase: Optional[int] = typer.Option(None, help="Phase to choose from (default: the last begun)."),
+               ) -> None:
+    """Export any evaluated candidate (checkpoint, tokenizer, recipe) from the run store alone, while the
+    search goes on or after it."""
+    from evomerge.candidates import export_candidates
+
+    try:
+        for path in export_candidates(run_dir, out, rank, hash_, pareto, phase):
+            print(path)
+    except ValueError as err:
+        _fail(str(err))
+
+
+@app.command("report")
+def report_cmd(run_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="A run folder."),
+               fmt: str = typer.Option("png", "--format", help="Figure format: png or svg."),
+               ) -> None:
+    """Re-render report.md and the plots from the run store (also of a run that was killed)."""
+    from evomerge.rerender import rerender
+
+    try:
+        print(rerender(run_dir, fmt, console))
+    except ValueError as err:
+        _fail(str(err))
+
+
 def main() -> None:  # pragma: no cover
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()

@@ -230,6 +230,7 @@ class Budget(Strict):
 class Export(Strict):
     top_k: int = Field(1, ge=1)  # for several objectives: at most this many Pareto models
     dtype: Optional[str] = None
+    figures: Literal["png", "svg"] = "png"  # the report's plots (svg: for papers)
 
 
 class Reference(Strict):
@@ -250,6 +251,37 @@ class Reference(Strict):
         method = get_method(self.method)  # ValueError lists the known methods
         if self.density is not None and "density" not in method.model_params:
             raise ValueError(f"'{self.method}' takes no density; drop it or choose a method that prunes")
+        return self
+
+
+class WandbTracking(Strict):
+    project: str
+    mode: Literal["online", "offline", "disabled"] = "online"
+    entity: Optional[str] = None
+
+
+class MlflowTracking(Strict):
+    tracking_uri: str  # e.g. file:./mlruns, http://host:5000
+    experiment: Optional[str] = None  # default: the experiment's name
+
+
+class Tracking(Strict):
+    """Experiment tracking, off by default: scalars per generation (see evomerge.tracking)."""
+
+    tensorboard: Optional[str] = None  # log folder (relative: inside the run folder)
+    wandb: Optional[WandbTracking] = None
+    mlflow: Optional[MlflowTracking] = None
+
+    @model_validator(mode="after")
+    def _installed(self) -> "Tracking":
+        import importlib.util
+
+        needs = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
+                 "mlflow": ("mlflow", "mlflow")}
+        for key, (module, extra) in needs.items():
+            if getattr(self, key) is not None and importlib.util.find_spec(module) is None:
+                raise ValueError(f"tracking.{key} needs the '{module}' package: pip install 'evomerge[{extra}]', "
+                                 f"or drop tracking.{key}")
         return self
 
 
@@ -303,6 +335,7 @@ class Experiment(Strict):
         """What the workers' engines receive (plain data: it crosses to Ray actors)."""
         return {"policy": self.memory, "budget": self.memory_budget, "delta_dtype": self.delta_dtype,
                 "cache_dir": self.delta_cache}
+    tracking: Optional[Tracking] = None  # TensorBoard / W&B / MLflow scalars per generation; off by default
 
     @model_validator(mode="after")
     def _consistent(self) -> "Experiment":

@@ -80,11 +80,12 @@ def reference_recipes(base: str, others: list[str], hand: Sequence[Reference]) -
     return refs
 
 
-def items_scored(run_dir: Path, phases: Sequence[PhaseResult], full_items: int, hand_recipes: int,
+def items_scored(run_dir: Path, phases: Sequence[PhaseResult], full_items: int, references: int,
                  checked: int) -> dict[str, int]:
     """Every fitness item the run scored, by what it was for, so that runs compare by one number.
 
-    ``full_items``: the items of one full evaluation (every item benchmark); ``checked``: the items of
+    ``full_items``: the items of one full evaluation (every item benchmark); ``references``: the
+    recipes scored on every item for the report (hand recipes and sources); ``checked``: the items of
     the benchmark check before the search. Calibration counts the population scored before the search
     (refits and drift recalibrations reuse answers already counted); final_and_report: the candidates
     scored on every item to confirm the final choice and to measure the estimator's error."""
@@ -103,7 +104,7 @@ def items_scored(run_dir: Path, phases: Sequence[PhaseResult], full_items: int, 
                              for x in s.values())
         refits += sum(1 for p in (run_dir / "calibration").glob(f"t{ph.index:03d}*") if (p / "complete").exists())
     parts = {"calibration": calibration, "search": search, "drift": drift, "final_and_report": confirmed,
-             "hand_recipes": hand_recipes * full_items, "checks": checked}
+             "references": references * full_items, "checks": checked}
     return {"total": sum(parts.values()), **parts, "refits": refits, "full_evaluation": full_items}
 
 
@@ -115,7 +116,8 @@ def write_outputs(run_dir: Path, exp: Experiment, phases: list[PhaseResult], obj
     """test_results.json, summary.json, each phase's history and plots, report.md; the test table printed."""
     final = phases[-1]
     (run_dir / "test_results.json").write_text(json.dumps(test, indent=1))
-    sections = [_phase_section(run_dir, ph, objectives, exp.fitness.estimator.kind != "full") for ph in phases]
+    sections = [_phase_section(run_dir, ph, objectives, exp.fitness.estimator.kind != "full", exp.export.figures,
+                               dict(zip(chosen, final.best)) if ph is final else {}) for ph in phases]
     summary = {
         "experiment": exp.name,
         "chosen": {n: {"fitness": ev.fitness, "objectives": ev.objectives, "genome_hash": ev.genome_hash}
@@ -133,47 +135,73 @@ def write_outputs(run_dir: Path, exp: Experiment, phases: list[PhaseResult], obj
     return run_dir
 
 
-def _phase_section(run_dir: Path, ph: PhaseResult, objectives: Objectives, estimated: bool) -> str:
+def reference_points(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """The sources (``sources.json``) and hand recipes (``hand_recipes.json``) as scored on the
+    fitness split at the start of the run: {name: {"fitness", "objectives"}}, failures left out."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in ("sources.json", "hand_recipes.json"):
+        path = run_dir / name
+        if path.exists():
+            out.update({k: v for k, v in json.loads(path.read_text()).items() if v.get("fitness") is not None})
+    return out
+
+
+def _source_names(run_dir: Path) -> list[str]:
+    path = run_dir / "sources.json"
+    return list(json.loads(path.read_text())) if path.exists() else []
+
+
+def _phase_section(run_dir: Path, ph: PhaseResult, objectives: Objectives, estimated: bool, fmt: str = "png",
+                   exported: Mapping[str, Evaluation] | None = None) -> str:
     assert ph.store_path is not None
     with RunStore(ph.store_path, readonly=True) as store:
         rows = store.history()
     phase_dir = ph.store_path.parent
+    refs = reference_points(run_dir)
     report.write_history_csv(rows, phase_dir / "history.csv")
     lines = [f"## Phase {ph.index}: {ph.kind}", "",
              f"{len(rows)} candidates evaluated ({sum(r['status'] != 'ok' for r in rows)} failed), "
              f"{max((r['generation'] for r in rows), default=-1) + 1} generations. History: "
              f"`{(phase_dir / 'history.csv').relative_to(run_dir)}`.", ""]
-    fit = report.plot_fitness(rows, phase_dir / "fitness.png", f"phase {ph.index} ({ph.kind})")
+    fit = report.plot_fitness(rows, phase_dir / f"fitness.{fmt}", f"phase {ph.index} ({ph.kind})",
+                              {n: r["fitness"] for n, r in refs.items()} if ph.index == 0 else None,
+                              _source_names(run_dir))
     lines.append(f"![fitness]({fit.relative_to(run_dir)})")
     if objectives.n_obj > 1:
-        par = report.plot_pareto(rows, [f"obj_{n}" for n in objectives.names], phase_dir / "pareto.png")
+        par = report.plot_pareto(rows, [f"obj_{n}" for n in objectives.names], phase_dir / f"pareto.{fmt}",
+                                 {n: r["objectives"] for n, r in refs.items()},
+                                 {n: dict(e.objectives) for n, e in (exported or {}).items()
+                                  if isinstance(e.objectives, dict)}, _source_names(run_dir))
         lines.append(f"![pareto]({par.relative_to(run_dir)})")
     best = ph.best[0]
     if ph.kind == "ps":
-        heat = report.plot_heatmap(ph.genome.layer_table(np.array(best.genome)), phase_dir / "coefficients.png",
+        heat = report.plot_heatmap(ph.genome.layer_table(np.array(best.genome)), phase_dir / f"coefficients.{fmt}",
                                    "best candidate: searched coefficients")
         lines.append(f"![coefficients]({heat.relative_to(run_dir)})")
     else:
         plan = ph.recipes[0].plan
         assert plan is not None, "a DFS phase's recipes are layer plans"
         lay = report.plot_layer_plan(plan.layers, plan.hop_scales,
-                                     phase_dir / "layer_plan.png", "layer plan of the best candidate")
+                                     phase_dir / f"layer_plan.{fmt}", "layer plan of the best candidate")
         lines.append(f"![layer plan]({lay.relative_to(run_dir)})")
     named = best.objectives if isinstance(best.objectives, dict) else {}
     obj = ", ".join(f"{k} {v:.3f}" for k, v in named.items())
     kind = "estimated " if estimated else ""
     lines += ["", f"Best candidate: {kind}fitness {best.fitness:.4f} ({obj}), generation {best.generation}."]
+    if ph.estimator_report:  # kept beside the store: a re-rendered report (no workers) shows it again
+        (phase_dir / "estimator_report.md").write_text(ph.estimator_report)
     return "\n".join(lines + (["", ph.estimator_report] if ph.estimator_report else []))
 
 
 def _write_report(run_dir: Path, exp: Experiment, sections: list[str], test: Mapping[str, Mapping[str, Any]],
                   util: Mapping[str, Mapping[str, float]], chosen: Mapping[str, Recipe], final: PhaseResult,
-                  hand: Mapping[str, Mapping[str, Any]], memory: Sequence[Mapping[str, Any]] = ()) -> None:
+                  hand: Mapping[str, Mapping[str, Any]], memory: Sequence[Mapping[str, Any]] = (),
+                  notes: Sequence[str] = ()) -> None:
     names = [n for o in exp.fitness.test for n in o.names]
     lines = [f"# evomerge run: {exp.name}", "",
              f"Models: {', '.join(f'{k} ({v})' for k, v in exp.models.items())}; base `{exp.base_model}`. "
              f"Searcher `{exp.searcher.name}`, seed {exp.seed}, estimator "
-             f"`{exp.fitness.estimator.kind}`.", ""]
+             f"`{exp.fitness.estimator.kind}`.", "", *[f"> {n}" for n in notes], *([""] if notes else [])]
     if test:
         ok = {k: v for k, v in test.items() if "error" not in v}
         lines += ["## Held-out test accuracy", "",

@@ -33,6 +33,7 @@ from evomerge.refs import resolve_model_ref
 from evomerge.runstore import Evaluation, RunStore, write_atomic
 from evomerge.searchers import Searcher, make_searcher, searcher_class
 from evomerge.spaces import Genome, PSGenome, build_space, genome_seed
+from evomerge.tracking import Tracker, open_tracker
 from evomerge.workers import Pool, Task, open_pool, run_tasks
 
 # where the work runs may change on resume (a requeued job gets new nodes), and how the engine holds
@@ -96,6 +97,7 @@ class Job:
         self.objectives = objectives_of(exp)
         self._pool = pool
         self._info: dict[str, Any] | None = None
+        self.tracker = Tracker({}, run_dir)  # the experiment's trackers, opened by run()
 
     # -- workers --------------------------------------------------------------------------------
     @property
@@ -156,10 +158,13 @@ class Job:
             self.check_benchmarks()
             estimator = make_fitness_estimator(self.estimator_inputs())
             hand = self.score_hand_recipes()
+            self.score_sources()
+            self.tracker = open_tracker(self.exp.tracking, self.run_dir, self.exp.name)
             for k, (space, phase) in enumerate(zip(self.spaces, self.exp.phases or [])):
                 results.append(self.run_phase(k, space, phase.budget, results, estimator))
             self.finish(results, hand)
         finally:
+            self.tracker.close()
             if self._pool is not None:  # an embedded Ray goes down with the run, also on errors
                 self._pool.close()
         return results
@@ -241,6 +246,7 @@ class Job:
 
             def show(generation: int) -> None:
                 progress.update(task, completed=min(store.count(), budget), gen=generation, best=_best_text(store))
+                self.tracker.on_progress(k, store, generation)
 
             search(searcher, store, self.pool, decode, estimator, view, self.objectives, budget, gen, show)
         best = estimator.final_choice(view)
@@ -253,20 +259,31 @@ class Job:
         r = next(r for r in self.exp.references if r.name == name)
         return hand_recipe(r.method, self.exp.base_model, self.others, r.weight, r.density, r.parameters)
 
-    def score_hand_recipes(self) -> dict[str, dict[str, Any]]:
-        """The hand recipes on every fitness item, kept in ``RUN/hand_recipes.json`` (a resume scores
-        none again): what the search must beat, and what it is compared with in the report."""
-        path = self.run_dir / "hand_recipes.json"
+    def score_on_fitness(self, path: Path, recipes: Mapping[str, Recipe]) -> dict[str, dict[str, Any]]:
+        """Each recipe on every fitness item, kept in ``path`` (a resume scores none again)."""
         known: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.exists() else {}
-        todo = [r.name for r in self.exp.references if r.name not in known]
-        if todo:
-            self.console.print(f"scoring {len(todo)} hand recipe(s) on the fitness split: {', '.join(todo)}")
-        for i, result in run_tasks(self.pool, [Task(self.hand_recipe(n), None, "fitness", 0) for n in todo]):
+        todo = [n for n in recipes if n not in known]
+        for i, result in run_tasks(self.pool, [Task(recipes[n], None, "fitness", 0) for n in todo]):
             obj = dict(result.objectives) if result.ok else {}
             fit = self.objectives.fitness(obj)
             known[todo[i]] = {"objectives": obj, "fitness": fit if math.isfinite(fit) else None, "error": result.error}
-        write_atomic(path, json.dumps(known, indent=1).encode())
+        if todo:
+            write_atomic(path, json.dumps(known, indent=1).encode())
         return known
+
+    def score_hand_recipes(self) -> dict[str, dict[str, Any]]:
+        """The hand recipes on the fitness split (``RUN/hand_recipes.json``): what the search must beat,
+        and what it is compared with in the report."""
+        path = self.run_dir / "hand_recipes.json"
+        if self.exp.references and not path.exists():
+            self.console.print(f"scoring {len(self.exp.references)} hand recipe(s) on the fitness split: "
+                               + ", ".join(r.name for r in self.exp.references))
+        return self.score_on_fitness(path, {r.name: self.hand_recipe(r.name) for r in self.exp.references})
+
+    def score_sources(self) -> dict[str, dict[str, Any]]:
+        """Each source model on the fitness split (``RUN/sources.json``): the reference lines and points
+        of the report's plots."""
+        return self.score_on_fitness(self.run_dir / "sources.json", {m: single_model(m) for m in self.exp.models})
 
     def finish(self, phases: list[PhaseResult], hand: Mapping[str, Mapping[str, Any]]) -> None:
         """Export the chosen models (a hand recipe instead, where one scores higher on the fitness
@@ -294,7 +311,7 @@ class Job:
         full_items = sum(len(v) for v in self.item_ids("fitness").values() if v is not None)
         checked = sum(min(4, len(v)) for which in ("fitness", "test") for v in self.item_ids(which).values()
                       if v is not None)
-        items = outputs.items_scored(self.run_dir, phases, full_items, len(hand), checked)
+        items = outputs.items_scored(self.run_dir, phases, full_items, len(hand) + len(exp.models), checked)
         memory = [info.get("memory", {}) | {"worker": info.get("name", "")} for info in self.pool.broadcast("info")]
         outputs.write_outputs(self.run_dir, exp, phases, self.objectives, chosen, test, self.pool.utilization(),
                               self.console, hand, items, memory)

@@ -329,9 +329,19 @@ class RunStore:
                              (*values, row[1] + 1, h))
             return True
 
-    def evaluations(self, status: str | None = None) -> list[Evaluation]:
-        """Every stored evaluation (optionally only 'ok' or 'failed'), in the order first recorded."""
-        return [_evaluation(r) for r in self._select_evaluations(_EVAL_COLUMNS, status)]
+    def evaluations(self, status: str | None = None, responses: bool = True) -> list[Evaluation]:
+        """Every stored evaluation (optionally only 'ok' or 'failed'), in the order first recorded;
+        ``responses=False`` leaves the item responses out (None), which is most of the reading."""
+        columns = _EVAL_COLUMNS if responses else _EVAL_COLUMNS.replace("responses", "NULL")
+        return [_evaluation(r) for r in self._select_evaluations(columns, status)]
+
+    def item_counts(self, after_rowid: int = 0) -> dict[int, int]:
+        """rowid -> items scored (the length of every stored response) for evaluations after
+        ``after_rowid``: a status refresh reads only the new ones."""
+        rows = self._db.execute("SELECT rowid, responses FROM evaluations WHERE rowid > ? ORDER BY rowid",
+                                (after_rowid,)).fetchall()
+        return {int(r): sum(len(x.get("scores", ())) for x in _unpack_responses(b) or () if isinstance(x, dict))
+                for r, b in rows}
 
     def count(self, status: str | None = None) -> int:
         self._check_status(status)

@@ -6,15 +6,15 @@ import json
 
 import pytest
 import torch
+from conftest import make_tiny
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from conftest import make_tiny
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.engine import MergeEngine
 from evomerge.merge.files import merge_to_disk
-from evomerge.merge.plan import MergeError
 from evomerge.merge.params import layer_index
+from evomerge.merge.plan import MergeError
 
 
 def fine_tuned(src, dst, seed: int, scale: float = 0.02):
@@ -36,7 +36,8 @@ def test_merge_any_decoder_architecture(tmp_path, arch):
     names = load_file(base / "model.safetensors").keys()
     assert {layer_index(n) for n in names} >= {0, 1, 2}
     cfg = {"merge_method": "ties", "base_model": "base", "parameters": {"density": 0.6},
-           "models": [{"model": "a", "parameters": {"weight": [0.2, 1.0]}}, {"model": "b", "parameters": {"weight": 0.5}}]}
+           "models": [{"model": "a", "parameters": {"weight": [0.2, 1.0]}},
+                      {"model": "b", "parameters": {"weight": 0.5}}]}
     engine = MergeEngine({"base": base, "a": a, "b": b}, base="base")
     merged = {k: v.clone() for k, v in engine.materialize(MergeConfig.model_validate(cfg)).state_dict().items()}
     paths = {"base": str(base), "a": str(a), "b": str(b)}

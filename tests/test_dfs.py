@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import make_tiny
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import make_tiny
-from evomerge.merge.dfs_export import cumulative_scales, export_dfs, merge_plan_to_disk
-from evomerge.merge.dfs_model import ScaledLayer, build_dfs_model
-from evomerge.recipe import DFSError, LayerPlan
-from evomerge.spaces.dfs import decode_dfs, dfs_gene_count
 from evomerge.evaluate.generation import greedy_generate
 from evomerge.merge.config import MergeConfig
+from evomerge.merge.dfs_export import cumulative_scales, export_dfs, merge_plan_to_disk
+from evomerge.merge.dfs_model import ScaledLayer, build_dfs_model
 from evomerge.merge.engine import MergeEngine
+from evomerge.recipe import DFSError, LayerPlan
+from evomerge.spaces.dfs import decode_dfs, dfs_gene_count
 
 # A plan with a layer used twice, layers moved to new depths, and scales on both sides of 1.
 ZOO_PLAN = LayerPlan("base", [("base", 0), ("rev", 1), ("rev", 1), ("tr", 2), ("base", 3), ("sort", 3)],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from merge_configs import CONFIGS, RANDOMIZED, with_paths
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -11,7 +12,6 @@ from evomerge.merge.config import MergeConfig
 from evomerge.merge.engine import MergeEngine
 from evomerge.merge.files import merge_to_disk
 from evomerge.merge.plan import MergeError
-from merge_configs import CONFIGS, RANDOMIZED, with_paths
 
 
 @pytest.fixture(scope="module")

@@ -151,7 +151,8 @@ def test_weighted_fusion_is_a_distribution_and_the_weighted_average():
         assert torch.allclose(fp.sum(-1), torch.ones(b, t), atol=1e-6)
         dense = torch.zeros(b, t, v).scatter_add_(-1, fidx, fp)
         w = weights if weights.dim() == 2 else weights[:, None].expand(s, b)
-        expect = sum(w[i][:, None, None] * torch.zeros(b, t, v).scatter_add_(-1, idx[i], p[i] / p[i].sum(-1, keepdim=True))
+        expect = sum(w[i][:, None, None]
+                     * torch.zeros(b, t, v).scatter_add_(-1, idx[i], p[i] / p[i].sum(-1, keepdim=True))
                      for i in range(s))
         assert torch.allclose(dense, expect, atol=1e-6)
         live = fp > 0  # each id at most once among the slots that hold mass

@@ -10,10 +10,10 @@ import torch
 import yaml
 
 from evomerge.config import DFSSpace, PSSpace, load_space
-from evomerge.spaces import DFSGenome, PSGenome, genome_seed
 from evomerge.merge.engine import MergeEngine
 from evomerge.merge.methods import get_method
 from evomerge.merge.plan import merge_inputs, tensor_params
+from evomerge.spaces import DFSGenome, PSGenome, genome_seed
 
 PRESETS = sorted(Path(__file__).resolve().parent.parent.glob("search_spaces/ps_*.yaml"))
 

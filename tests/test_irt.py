@@ -7,9 +7,23 @@ import numpy as np
 import pytest
 
 from evomerge.evaluate.base import ItemResponses
-from evomerge.irt import (Calibration, ItemParams, Population, Prior, build_population, calibrate,
-                          calibration_report, estimate_mixture, estimate_theta, fit_m2pl, make_estimator,
-                          pass_rate_summary, resolve_budget, select_anchors, select_dim)
+from evomerge.irt import (
+    Calibration,
+    ItemParams,
+    Population,
+    Prior,
+    build_population,
+    calibrate,
+    calibration_report,
+    estimate_mixture,
+    estimate_theta,
+    fit_m2pl,
+    make_estimator,
+    pass_rate_summary,
+    resolve_budget,
+    select_anchors,
+    select_dim,
+)
 from evomerge.irt.anchors import allocate, param_features
 from evomerge.irt.estimators import NAMES
 
@@ -108,7 +122,7 @@ def test_map_ability_matches_a_generic_optimiser(syn):
     np.testing.assert_allclose(estimate_theta(items, seen, y, prior), ref, atol=1e-4)
     # the merged-ability mixture is the same kind of fit in the parents' coordinates
     parents = np.eye(3)
-    np.testing.assert_allclose(estimate_mixture(items, seen, y, parents, ridge=1e-9), 
+    np.testing.assert_allclose(estimate_mixture(items, seen, y, parents, ridge=1e-9),
                                minimize(lambda t: neg_log_post(t) - 0.5 * (t - prior.mean) @ prec @ (t - prior.mean),
                                         np.zeros(3), method="BFGS", options={"gtol": 1e-8}).x, atol=1e-3)
 
@@ -168,7 +182,8 @@ def test_pirt_with_all_items_seen_is_the_mean_and_blends_by_seen_share(syn_calib
     est = pirt.estimate(ids, y[pos])
     theta = estimate_theta(cal.items, np.sort(pos), y[np.sort(pos)], cal.prior)
     unseen = np.setdiff1d(np.arange(cal.num_items), pos)
-    expected = len(pos) / cal.num_items * y[pos].mean() + len(unseen) / cal.num_items * cal.items.prob(theta)[unseen].mean()
+    expected = (len(pos) / cal.num_items * y[pos].mean()
+                + len(unseen) / cal.num_items * cal.items.prob(theta)[unseen].mean())
     assert est == pytest.approx(expected, abs=1e-9)
 
 
@@ -179,7 +194,8 @@ def test_weighted_anchor_and_blends_follow_their_definitions(syn_calibration):
     ids = make_estimator("irt", 0.1, calibration=cal).select_items()
     pos = cal.position()
     y = y_all[[pos[i] for i in ids]]
-    e = {n: make_estimator(n, 0.1, calibration=cal).estimate(ids, y) for n in ("irt", "pirt", "gpirt", "mpirt", "gmpirt")}
+    e = {n: make_estimator(n, 0.1, calibration=cal).estimate(ids, y)
+         for n in ("irt", "pirt", "gpirt", "mpirt", "gmpirt")}
     anchors = cal.anchors_for(0.1)
     assert e["irt"] == pytest.approx(float(anchors.weight @ y_all[anchors.index]))
     lam = cal.lambda_for(0.1)
@@ -188,7 +204,8 @@ def test_weighted_anchor_and_blends_follow_their_definitions(syn_calibration):
     assert e["gmpirt"] == pytest.approx(0.5 * e["irt"] + 0.5 * e["mpirt"])
     # scores given in another order give the same estimate
     perm = rng.permutation(len(ids))
-    assert make_estimator("gpirt", 0.1, calibration=cal).estimate([ids[i] for i in perm], y[perm]) == pytest.approx(e["gpirt"])
+    shuffled = make_estimator("gpirt", 0.1, calibration=cal).estimate([ids[i] for i in perm], y[perm])
+    assert shuffled == pytest.approx(e["gpirt"])
 
 
 def test_random_subsets_are_fixed_per_seed_and_stratified_covers_every_group(syn_calibration):

@@ -287,8 +287,8 @@ def test_a_search_resumed_under_another_policy_follows_the_same_trajectory(zoo, 
     uninterrupted ``device`` run (the policy changes where inputs live, never a bit of a candidate)."""
     from test_search import experiment, final_state, run_cli
 
-    from evomerge.runstore import RunStore
     from evomerge.run import resume, start
+    from evomerge.runstore import RunStore
 
     experiment(zoo, tmp_path, budget={"evaluations": 18}, memory="device")
     reference, _ = final_state(start(tmp_path / "exp.yaml", tmp_path / "ref"))

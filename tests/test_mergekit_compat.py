@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from merge_configs import CONFIGS, with_paths
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from evomerge.cli import app
-from merge_configs import CONFIGS, with_paths
 
 mergekit = pytest.importorskip("mergekit")
 MERGEKIT_YAML = shutil.which("mergekit-yaml") or str(Path(sys.executable).parent / "mergekit-yaml")

@@ -110,7 +110,8 @@ def test_ram_and_ramplus():
     models = [base + (m - base) * (torch.rand(base.shape, generator=g) < 0.4) for m in models]
     torch.testing.assert_close(ours("ram", base, models), theirs("ram", base, models))
     for glob in ({}, {"r": 0.5, "alpha": 0.6}, {"epsilon": 0.02}):
-        torch.testing.assert_close(ours("ramplus_tl", base, models, glob=glob), theirs("ramplus_tl", base, models, glob))
+        torch.testing.assert_close(ours("ramplus_tl", base, models, glob=glob),
+                                   theirs("ramplus_tl", base, models, glob))
     # RAM law: an entry only model 0 changes takes model 0's value
     only0 = ((models[0] - base).abs() > 1e-5) & ((models[1] - base).abs() <= 1e-5) & ((models[2] - base).abs() <= 1e-5)
     assert only0.any()
@@ -120,7 +121,8 @@ def test_ram_and_ramplus():
 def test_nearswap_and_arcee_fusion():
     base, models = _models(1, seed=6)
     for t in (0.0, 0.01, 0.05, 10.0):
-        torch.testing.assert_close(ours("nearswap", base, models, glob={"t": t}), theirs("nearswap", base, models, {"t": t}))
+        torch.testing.assert_close(ours("nearswap", base, models, glob={"t": t}),
+                                   theirs("nearswap", base, models, {"t": t}))
     torch.testing.assert_close(ours("nearswap", base, models, glob={"t": 10.0}), models[0])  # all within t: swapped
     for shape in ((24, 40), (40,)):
         base, models = _models(1, shape=shape, seed=7)

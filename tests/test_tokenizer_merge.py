@@ -95,7 +95,8 @@ def test_union_rows_follow_the_token_strings(two_vocabs, tmp_path):
 def test_different_vocabularies_without_a_tokenizer_merge_are_refused(two_vocabs, tmp_path):
     cfg = configs(two_vocabs)["union"]
     cfg.pop("tokenizer_source")
-    with pytest.raises(MergeError, match="vocabulary sizes differ: merge the tokenizers with 'tokenizer_source: union'"):
+    with pytest.raises(MergeError,
+                       match="vocabulary sizes differ: merge the tokenizers with 'tokenizer_source: union'"):
         merge_to_disk(MergeConfig.model_validate(cfg), tmp_path / "x")
     with pytest.raises(ValueError, match="not both"):
         MergeConfig.model_validate({**cfg, "tokenizer_source": "union", "tokenizer": {"source": "base"}})

@@ -88,7 +88,8 @@ def normalise_items(rows: Sequence[dict], benchmark: str, multiple_choice: bool,
                              f"set prompt_key to the field that holds the prompt")
         if multiple_choice:
             choices = row.get(choices_key)
-            if not isinstance(choices, (list, tuple)) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+            if (not isinstance(choices, (list, tuple)) or len(choices) < 2
+                    or not all(isinstance(c, str) for c in choices)):
                 raise ValueError(f"{where} ('{item_id}'): '{choices_key}' must be a list of at least two strings, "
                                  f"got {choices!r}")
             gold = row.get(answer_key)
@@ -296,12 +297,14 @@ class ItemsBenchmark:
         texts = generate_texts(model, tokenizer, [it.prompt for it in items], budgets, self.batch_size, device,
                                chat_template=self.chat_template, system_prompt=self.system_prompt, stop=self.stop)
         texts = [cut_at_stop(t, self.stop) for t in texts]
+        answers = [it.answer or "" for it in items]  # generation items always have one (normalise_items)
         if self.scorer == "exact_match":
-            return [float(t.strip() == it.answer.strip()) for t, it in zip(texts, items)]
+            return [float(t.strip() == a.strip()) for t, a in zip(texts, answers)]
+        assert self.pattern is not None, "the regex scorer always has a pattern"
         scores = []
-        for text, it in zip(texts, items):
+        for text, answer in zip(texts, answers):
             predicted = regex_extract(self.pattern, text)
-            target = regex_extract(self.pattern, it.answer) or it.answer.strip()
+            target = regex_extract(self.pattern, answer) or answer.strip()
             scores.append(float(predicted is not None and predicted == target))
         return scores
 
@@ -310,4 +313,5 @@ class ItemsBenchmark:
                    for it in items]
         lls = choice_loglikelihoods(model, tokenizer, [(p, it.choices or ()) for p, it in zip(prompts, items)],
                                     self.batch_size, device, add_special_tokens=not self.chat_template)
-        return [float(pick_choice(ll, it.choices, self.length_normalize) == it.gold) for ll, it in zip(lls, items)]
+        return [float(pick_choice(ll, it.choices or (), self.length_normalize) == it.gold)
+                for ll, it in zip(lls, items)]

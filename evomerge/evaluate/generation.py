@@ -8,7 +8,7 @@ position ids taken from the attention mask, so mixed lengths batch correctly.
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 

@@ -56,7 +56,8 @@ class LmEvalBenchmark:
         tasks = [task] if isinstance(task, str) else list(task)
         if not tasks or not all(isinstance(t, str) and t for t in tasks):
             raise ValueError(f"task must be an lm-eval task name or a list of them, got {task!r}")
-        paths = [] if include_path is None else [include_path] if isinstance(include_path, (str, Path)) else list(include_path)
+        paths = ([] if include_path is None else [include_path] if isinstance(include_path, (str, Path))
+                 else list(include_path))
         self.include_paths = [Path(p).expanduser().resolve() for p in paths]
         for p in self.include_paths:
             if not p.is_dir():
@@ -151,7 +152,8 @@ class LmEvalBenchmark:
         index: dict[str, tuple[str, int]] = {}
         for task_name, task in tasks.items():
             for i, doc in enumerate(task.eval_docs):
-                key = str(doc[self.id_field]) if self.id_field and isinstance(doc, dict) and self.id_field in doc else str(i)
+                has_id = self.id_field and isinstance(doc, dict) and self.id_field in doc
+                key = str(doc[self.id_field]) if has_id else str(i)
                 item_id = f"{task_name}/{key}" if prefix else key
                 if item_id in index:
                     raise ValueError(f"lm-eval task '{task_name}': item id '{item_id}' occurs twice; set id_field "
@@ -163,9 +165,14 @@ class LmEvalBenchmark:
 
     # ------------------------------------------------------------------------- the Evaluator API
 
-    def item_ids(self) -> list[str]:
+    def _items(self) -> dict[str, tuple[str, int]]:
+        """Item id -> (task name, doc index), the tasks loaded on first use."""
         self._task_dict()
-        return list(self._index)
+        assert self._index is not None
+        return self._index
+
+    def item_ids(self) -> list[str]:
+        return list(self._items())
 
     def evaluate(self, model: torch.nn.Module, tokenizer: Any, ctx: EvalContext) -> ItemResponses:
         from lm_eval.evaluator import evaluate
@@ -173,12 +180,12 @@ class LmEvalBenchmark:
 
         loaded = self._task_dict()
         device = check_device(model, ctx.device)
-        ids = select_ids(list(self._index), ctx.item_ids, self.name)
+        ids = select_ids(list(self._items()), ctx.item_ids, self.name)
         if not ids:
             return ItemResponses(self.name, [], np.zeros(0))
         wanted: dict[str, list[int]] = {}
         for item_id in ids:
-            task_name, doc = self._index[item_id]
+            task_name, doc = self._items()[item_id]
             wanted.setdefault(task_name, []).append(doc)
         # lm-eval maps logged doc ids back through the list given, which it assumes sorted.
         samples = {t: sorted(docs) for t, docs in wanted.items()}
@@ -193,7 +200,7 @@ class LmEvalBenchmark:
                                fewshot_as_multiturn=self.fewshot_as_multiturn,
                                system_instruction=self.system_instruction)
         by_doc = {t: self._item_scores(t, results["samples"][t], set(docs)) for t, docs in samples.items()}
-        scores = [by_doc[task][doc] for task, doc in (self._index[i] for i in ids)]
+        scores = [by_doc[task][doc] for task, doc in (self._items()[i] for i in ids)]
         return ItemResponses(self.name, ids, np.asarray(scores, dtype=np.float64))
 
     def _item_scores(self, task_name: str, logged: list[dict], expected: set[int]) -> dict[int, float]:

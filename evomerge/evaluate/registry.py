@@ -94,7 +94,7 @@ AnyEvaluator = Union[ItemsBenchmark, LmEvalBenchmark, CustomFitness]
 
 def parse_spec(spec: dict[str, Any] | EvaluatorSpec) -> EvaluatorSpec:
     """Validate a spec dict; errors name the bad key and list the allowed types or keys."""
-    if isinstance(spec, tuple(SPECS.values())):
+    if isinstance(spec, (ItemsSpec, LmEvalSpec, CustomSpec)):
         return spec
     if not isinstance(spec, dict):
         raise ValueError(f"an evaluator spec must be a mapping with a 'type' key, got {type(spec).__name__}")
@@ -104,7 +104,7 @@ def parse_spec(spec: dict[str, Any] | EvaluatorSpec) -> EvaluatorSpec:
         raise ValueError(f"evaluator spec has {got}; 'type' must be one of {sorted(SPECS)}")
     model = SPECS[kind]
     try:
-        return model.model_validate(spec)
+        return model.model_validate(spec)  # type: ignore[return-value]  # SPECS[kind] is that kind's spec
     except ValidationError as e:
         problems, about_keys = [], False
         for err in e.errors():
@@ -134,14 +134,14 @@ def make_evaluator(spec: dict[str, Any] | EvaluatorSpec, base_dir: str | Path | 
     base = Path(base_dir) if base_dir is not None else None
     if isinstance(s, ItemsSpec):
         return ItemsBenchmark(
-            s.name, s.items if s.items is not None else _path(s.path, base), scorer=s.scorer,
+            s.name, s.items if s.items is not None else str(_path(s.path, base)), scorer=s.scorer,
             answer_regex=s.answer_regex, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
             prompt_key=s.prompt_key, answer_key=s.answer_key, choices_key=s.choices_key, id_key=s.id_key,
             length_normalize=s.length_normalize, stop=s.stop, chat_template=s.chat_template,
             system_prompt=s.system_prompt)
     if isinstance(s, LmEvalSpec):
         include = s.include_path
-        include = [_path(p, base) for p in include] if isinstance(include, list) else _path(include, base)
+        include = [str(_path(p, base)) for p in include] if isinstance(include, list) else _path(include, base)
         return LmEvalBenchmark(
             s.task, include_path=include, name=s.name, metric=s.metric, filter=s.filter,
             num_fewshot=s.num_fewshot, gen_kwargs=s.gen_kwargs, apply_chat_template=s.apply_chat_template,

@@ -25,6 +25,7 @@ import json
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -179,7 +180,9 @@ def _build(zoo: Zoo, spec: HeteroSpec, out: Path, console: Console) -> None:
     tok.backend_tokenizer.model.save(str(out / skill.name))  # vocab.json + merges.txt, for GPT-2 tooling
 
     # Measure with the saved files, loaded as a user would: the expert on its skills, the zoo on the new one.
-    model, tok = AutoModelForCausalLM.from_pretrained(out / skill.name), AutoTokenizer.from_pretrained(out / skill.name)
+    loaded: Any = AutoModelForCausalLM.from_pretrained(out / skill.name)
+    tok = AutoTokenizer.from_pretrained(out / skill.name)  # type: ignore[assignment]  # the same fast tokenizer class
+    model = loaded
     test = read_jsonl(out / "items" / skill.name / "test.jsonl")
     rng = random.Random(f"{spec.seed}-copy-probe")
     copy_items = [{"prompt": p, "answer": a} for p, a in

@@ -82,7 +82,7 @@ def make_items(
     seen: set[str] = set()
     out: dict[str, list[dict]] = {}
     for split, count in splits.items():
-        items = []
+        items: list[dict] = []
         per_len = {n: count // (hi - lo + 1) + (1 if i < count % (hi - lo + 1) else 0)
                    for i, n in enumerate(range(lo, hi + 1))}
         for n, k in per_len.items():
