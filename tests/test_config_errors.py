@@ -110,8 +110,12 @@ def test_malformed_yaml_names_file_and_line(workdir: Path):
 
 
 def test_merge_config_errors_are_short(workdir: Path):
+    (workdir / "merge.yml").write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": "a"}],
+                                                       "paramters": {"normalize": True}}))
+    _check(CliRunner().invoke(app, ["merge", "merge.yml", "-o", "out"]),
+           ["merge.yml: paramters: unknown key (did you mean 'parameters'?)"])
     (workdir / "merge.yml").write_text(yaml.safe_dump({"merge_method": "linear", "modles": []}))
-    _check(CliRunner().invoke(app, ["merge", "merge.yml", "-o", "out"]), ["merge.yml: modles: unknown key"])
+    _check(CliRunner().invoke(app, ["merge", "merge.yml", "-o", "out"]), ["merge.yml:", "'models:'"])
 
 
 def test_resume_of_a_missing_run(workdir: Path):
