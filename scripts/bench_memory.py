@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_merge import memcpy_bandwidth  # scripts/ is on the path when run as a script
 
 SIZES = {"0.1b": (768, 8), "0.5b": (1280, 20), "1.5b": (2048, 24)}  # hidden size, layers (vocab 32000)
 GiB = 2**30
@@ -83,18 +84,6 @@ def make_models(root: Path, size: str, experts: int, dtype: torch.dtype) -> dict
         model.save_pretrained(paths[name])
         tok.save_pretrained(paths[name])
     return paths
-
-
-def memcpy_bandwidth(nbytes: int = 1 << 28, reps: int = 5) -> float:
-    """Bytes read + written per second by a plain tensor copy (best of ``reps``)."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32).uniform_()
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t)
-    return 2 * nbytes / best
 
 
 def h2d_bandwidth(nbytes: int = 1 << 30) -> dict[str, float]:
@@ -280,7 +269,7 @@ def main() -> None:
     t = time.perf_counter()
     models = make_models(args.work / "models", args.size, args.experts, torch.bfloat16)
     print(f"models: {args.size} bf16, base + {args.experts} experts in {args.work} ({time.perf_counter() - t:.0f} s)")
-    memcpy = memcpy_bandwidth()
+    memcpy = memcpy_bandwidth(1 << 28)
     print(f"memcpy {memcpy / 1e9:.1f} GB/s (read + write)")
     if args.device.startswith("cuda"):
         h2d = h2d_bandwidth()

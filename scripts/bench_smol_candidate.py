@@ -1,7 +1,7 @@
 """One worker on the smol zoo: the time split per candidate (merge vs evaluation), the engine's resident
 bytes and the process's peak RSS, and the hand recipes' scores, with the experiment's own benchmarks.
 
-The worker is the search's (``evomerge.worker.Worker``: sources resident, one preallocated model, merge in
+The worker is the search's (``evomerge.workers.Worker``: sources resident, one preallocated model, merge in
 memory, then the chat-aware items evaluator). Recipes: task arithmetic at 1/N (the report's uniform merge)
 and at weight 1, TIES and DARE-TIES at density 0.5 and weight 1 (the hand recipes people use).
 Usage: python scripts/bench_smol_candidate.py [experiments/smol_ps.yaml] [--split fitness|test] [--threads 2]
@@ -22,8 +22,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from evomerge.config import load_experiment  # noqa: E402
 from evomerge.merge.config import MergeConfig  # noqa: E402
 from evomerge.recipe import Recipe  # noqa: E402
-from evomerge.search import resolve_models  # noqa: E402
-from evomerge.worker import Worker  # noqa: E402
+from evomerge.run import resolve_models  # noqa: E402
+from evomerge.workers import Worker  # noqa: E402
 
 
 def hand_recipes(base: str, experts: list[str]) -> dict[str, dict]:

@@ -285,7 +285,9 @@ def test_smol_merge_equals_mergekit_and_loads(smol_paths, tok, tmp_path, name):
 
 
 def test_dfs_plan_over_the_30_layer_gqa_model_exports_to_the_same_logits(smol, tok, loaded, tmp_path):
-    from evomerge.dfs import LayerPlan, build_dfs_model, export_dfs
+    from evomerge.merge.dfs_export import export_dfs
+    from evomerge.merge.dfs_model import build_dfs_model
+    from evomerge.recipe import LayerPlan
 
     layers = ([("base", i) for i in range(12)] + [("add", i) for i in range(10, 22)] + [("upper", 20)]
               + [("base", i) for i in range(22, 30)])

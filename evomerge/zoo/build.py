@@ -20,7 +20,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from rich.console import Console
@@ -78,16 +78,12 @@ class ZooSpec:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-@dataclass(frozen=True)
-class Zoo:
-    """Paths of a built zoo."""
+class ZooFiles:
+    """What every built zoo folder holds (the tiny zoo's and the smol zoo's): an expert folder per
+    skill, item files per skill and split, and the accuracy table its build measured."""
 
     root: Path
-    spec: ZooSpec
-
-    @property
-    def base(self) -> Path:
-        return self.root / "base"
+    spec: Any  # a spec with ``experts``
 
     @property
     def experts(self) -> dict[str, Path]:
@@ -105,6 +101,18 @@ class Zoo:
 
     def accuracy(self) -> dict:
         return json.loads((self.root / "accuracy.json").read_text())
+
+
+@dataclass(frozen=True)
+class Zoo(ZooFiles):
+    """Paths of a built zoo."""
+
+    root: Path
+    spec: ZooSpec
+
+    @property
+    def base(self) -> Path:
+        return self.root / "base"
 
 
 def default_root() -> Path:

@@ -36,6 +36,7 @@ from rich.table import Table
 
 from evomerge.evaluate.generation import generate_texts
 from evomerge.zoo.build import (
+    ZooFiles,
     _uniform_task_arithmetic,
     build_atomically,
     default_root,
@@ -44,7 +45,7 @@ from evomerge.zoo.build import (
     training_progress,
     zoo_checks,
 )
-from evomerge.zoo.skills import read_jsonl, write_jsonl
+from evomerge.zoo.skills import write_jsonl
 from evomerge.zoo.smol_base import base_digest, ensure_smol_base
 
 SMOL_VERSION = 1  # bump when the build code changes what it produces for the same spec
@@ -101,20 +102,12 @@ TEST_SPEC = SmolSpec(expert_steps=4, batch_size=4, warmup=1,
 
 
 @dataclass(frozen=True)
-class SmolZoo:
+class SmolZoo(ZooFiles):
     """Paths of a built smol zoo (the base lives in its own folder, shared by every spec)."""
 
     root: Path
     base: Path
     spec: SmolSpec
-
-    @property
-    def experts(self) -> dict[str, Path]:
-        return {name: self.root / name for name in self.spec.experts}
-
-    @property
-    def skills(self) -> list[str]:
-        return list(self.spec.experts)
 
     def model(self, member: str) -> Path:
         if member == "base":
@@ -122,15 +115,6 @@ class SmolZoo:
         if member not in self.spec.experts:
             raise ValueError(f"the smol zoo has no model '{member}'; it has base, {', '.join(self.skills)}")
         return self.root / member
-
-    def items_path(self, skill: str, split: str) -> Path:
-        return self.root / "items" / skill / f"{split}.jsonl"
-
-    def items(self, skill: str, split: str) -> list[dict]:
-        return read_jsonl(self.items_path(skill, split))
-
-    def accuracy(self) -> dict:
-        return json.loads((self.root / "accuracy.json").read_text())
 
 
 def ensure_smol_zoo(spec: SmolSpec | None = None, root: str | Path | None = None, console: Console | None = None,
