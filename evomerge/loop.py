@@ -122,7 +122,9 @@ def search(searcher: Searcher, store: RunStore, pool: Pool, decode: Decode, esti
         on_progress(generation)
 
     def room() -> bool:
-        if store.count() + len(candidates) >= budget:
+        # at the budget, a batch recorded but never told (a run killed before its tell) is still asked
+        # again and told, so the resumed run ends with the same tells as an uninterrupted one
+        if store.count() + len(candidates) >= budget and not store.count_from(generation):
             return False
         return pool.free_slots() > 0 if searcher.steady_state else not batches
 

@@ -385,6 +385,12 @@ class RunStore:
             rows.append(row)
         return rows
 
+    def count_from(self, generation: int) -> int:
+        """Evaluations recorded for generation ``generation`` or later (the batch in flight when a run
+        stopped before its tell)."""
+        return int(self._db.execute("SELECT COUNT(*) FROM evaluations WHERE generation >= ?",
+                                    (int(generation),)).fetchone()[0])
+
     def best_fitness(self) -> float | None:
         """The highest fitness among 'ok' evaluations (None before any has a fitness)."""
         return self._db.execute("SELECT MAX(fitness) FROM evaluations WHERE status='ok'").fetchone()[0]
