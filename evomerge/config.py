@@ -152,7 +152,8 @@ class Objective(Strict):
 
 
 class EstimatorSpec(Strict):
-    kind: Literal["full", "random", "irt", "pirt", "gpirt", "mpirt", "gmpirt", "adaptive"] = "full"
+    kind: Literal["full", "random", "irt", "pirt", "gpirt", "mpirt", "gmpirt", "adaptive",
+                  "successive_halving"] = "full"
     budget: float = Field(1.0, gt=0)  # fraction of items (<= 1) or a count (> 1)
     calibration: Optional[str] = None  # file; default: calibrate at the start of the run
     calibration_models: Optional[int] = Field(None, ge=0)  # random merges scored on every item to calibrate
@@ -160,6 +161,9 @@ class EstimatorSpec(Strict):
     drift_every: int = Field(0, ge=0)  # every K generations score the best on all items (0: never)
     drift_threshold: float = Field(0.03, gt=0)
     final_top_k: int = Field(5, ge=0)  # the k best estimates are scored on every item; the best of them wins
+    # the report's error check: this many search candidates scored on every item (the final top k count
+    # toward it, so report_checks <= final_top_k costs nothing more)
+    report_checks: int = Field(8, ge=1)
     # adaptive: stop a candidate when its predicted score's standard error is below tolerance (per
     # benchmark) or at max_items (a fraction or a count); start_items, then batch items a round
     tolerance: float = Field(0.02, gt=0)
@@ -167,12 +171,23 @@ class EstimatorSpec(Strict):
     start_items: int = Field(16, ge=1)
     batch: int = Field(16, ge=1)
     refit_every: int = Field(5, ge=0)  # generations between refits on the search's own answers (0: never)
+    # adaptive: stop a candidate once its fitness interval is clear of the searcher's selection cut
+    # (CMA-ES: the mu best), so that the same parents are selected as with full scores w.p. >= 1 - delta
+    racing: bool = False
+    delta: float = Field(0.05, gt=0, lt=1)
 
     @property
     def models_to_calibrate(self) -> int:
         if self.calibration_models is not None:
             return self.calibration_models
         return 8 if self.kind == "adaptive" else 60
+
+    @model_validator(mode="after")
+    def _racing(self) -> "EstimatorSpec":
+        if self.racing and self.kind != "adaptive":
+            raise ValueError(f"racing needs confidence intervals, which estimator kind '{self.kind}' does not "
+                             f"give; use kind: adaptive (successive_halving races by rank on its own)")
+        return self
 
     @field_validator("kind", mode="before")
     @classmethod
@@ -349,6 +364,13 @@ class Experiment(Strict):
             self.phases = [Phase(space=self.search_space, budget=self.budget.evaluations)]
         elif self.search_space is not None:
             raise ValueError("give either search_space + budget or phases, not both")
+        est, searcher = self.fitness.estimator, self.searcher.name
+        if est.racing and searcher != "cmaes":
+            raise ValueError(f"fitness.estimator.racing races against a top-mu selection cut, which searcher "
+                             f"'{searcher}' does not have; use searcher cmaes, or racing: false")
+        if est.kind == "successive_halving" and (searcher == "random" or searcher.startswith("nevergrad:")):
+            raise ValueError(f"successive_halving ranks a whole generation at once; searcher '{searcher}' is "
+                             f"steady-state: use cmaes, nsga2 or pymoo:<Algorithm>")
         return self
 
     def load_spaces(self, root: Path) -> list[Union[PSSpace, DFSSpace]]:

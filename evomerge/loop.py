@@ -13,12 +13,20 @@ Generational searchers get the next batch once the last one is told; steady-stat
 worker has room, so no worker waits for the slowest candidate of a generation. The estimator says
 which items each candidate is scored on (in one or more rounds) and turns responses into
 objectives; its ``after_generation`` hook (a drift check) runs before each commit.
+
+A racing estimator (``estimator.races``, generational searchers only) decides a whole generation's
+rounds together: a round is sent for every candidate still in the race, and only when all its answers
+are in does the estimator choose the next (``race``), against the searcher's selection cut. So its
+decisions depend on the answers alone, never on which worker finished first. The state between
+rounds (every candidate's answers so far) is saved in the run store's meta ``race``; a run killed in
+the middle of a generation resumes from its last completed round, and its candidates are recorded
+together, in the batch's order, once the race is settled.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -55,10 +63,31 @@ class Candidate:
         self.error = result.error
 
 
+    def to_json(self) -> dict[str, object]:
+        """What a race saves between rounds (the genome and recipe are decoded again on resume)."""
+        return {"responses": [r.to_json() for r in self.responses], "raw": self.raw, "seconds": self.seconds,
+                "worker": self.worker, "error": self.error}
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        self.responses = [ItemResponses.from_json(r) for r in saved["responses"]]
+        self.raw, self.seconds = dict(saved["raw"]), float(saved["seconds"])
+        self.worker, self.error = saved["worker"], saved["error"]
+
+
 @dataclass
 class Batch:
     genomes: list[np.ndarray]
     waiting: set[str]  # hashes not yet recorded
+
+
+@dataclass
+class Race:
+    """A generation tested round by round together: its genomes (unique, in batch order) and the
+    hashes of those with nothing more to score."""
+
+    generation: int
+    genomes: dict[str, np.ndarray]
+    settled: set[str] = field(default_factory=set)
 
 
 def open_searcher(store: RunStore, make: Callable[[], Searcher]) -> tuple[Searcher, int]:
@@ -105,6 +134,8 @@ def search(searcher: Searcher, store: RunStore, pool: Pool, decode: Decode, esti
     batches: list[Batch] = []
     flying: dict[int, str] = {}  # ticket -> genome hash
     candidates: dict[str, Candidate] = {}  # genome hash -> candidate in flight
+    racing = estimator.races and not searcher.steady_state
+    race: Race | None = None
 
     def submit(h: str, items: Selection, later_round: bool = False) -> None:
         c = candidates[h]
@@ -121,12 +152,62 @@ def search(searcher: Searcher, store: RunStore, pool: Pool, decode: Decode, esti
         generation += 1
         on_progress(generation)
 
+    def record(h: str) -> None:
+        store.record(to_evaluation(candidates.pop(h), generation, estimator, objectives))
+        on_progress(generation)
+        for b in batches:
+            b.waiting.discard(h)
+        for b in [b for b in batches if not b.waiting]:
+            batches.remove(b)
+            tell(b)
+
     def room() -> bool:
         # at the budget, a batch recorded but never told (a run killed before its tell) is still asked
         # again and told, so the resumed run ends with the same tells as an uninterrupted one
         if store.count() + len(candidates) >= budget and not store.count_from(generation):
             return False
         return pool.free_slots() > 0 if searcher.steady_state else not batches
+
+    def start_race(batch: Batch) -> Race | None:
+        r = Race(generation, {genome_hash(g): g for g in batch.genomes})
+        saved = store.get_meta("race") or {}
+        if saved.get("generation") == generation and batch.waiting <= set(saved.get("candidates", {})):
+            for h in batch.waiting:  # resumed in the middle of this generation's race
+                candidates[h].restore(saved["candidates"][h])
+            r.settled = set(saved["settled"]) & batch.waiting
+            return next_round(r)
+        for h in batch.waiting:
+            submit(h, estimator.select() or {})
+        return r
+
+    def next_round(r: Race) -> Race | None:
+        """Between two rounds: the estimator's decisions for every candidate; the settled race is
+        recorded (None returned) once nobody needs more."""
+        answered: list[Sequence[ItemResponses] | None] = []
+        active: list[bool] = []
+        for h, g in r.genomes.items():
+            c = candidates.get(h)
+            ev = store.lookup(g) if c is None else None
+            if c is not None and c.error is None:
+                answered.append(c.responses)
+            elif ev is not None and ev.ok:
+                answered.append([ItemResponses.from_json(x) for x in ev.responses or []])
+            else:
+                answered.append(None)
+            active.append(c is not None and c.error is None and h not in r.settled)
+        decisions = estimator.race(answered, active, searcher.selection_size)
+        more = {h: d for (h, on, d) in zip(r.genomes, active, decisions) if on and d is not None}
+        r.settled |= {h for h in r.genomes if h in candidates and h not in more}
+        store.set_meta("race", {"generation": r.generation, "settled": sorted(r.settled),
+                                "candidates": {h: candidates[h].to_json() for h in r.genomes if h in candidates}})
+        for h, d in more.items():
+            submit(h, d, later_round=True)
+        if more:
+            return r
+        for h in r.genomes:
+            if h in candidates:
+                record(h)
+        return None
 
     while True:
         while room():
@@ -139,11 +220,14 @@ def search(searcher: Searcher, store: RunStore, pool: Pool, decode: Decode, esti
                 if h not in candidates:
                     recipe, seed = decode(g)
                     candidates[h] = Candidate(g, recipe, seed)
-                    submit(h, estimator.select() or {})
-            if batch.waiting:
-                batches.append(batch)
-            else:  # every genome already recorded (a resumed run): told before anything new is asked
+                    if not racing:
+                        submit(h, estimator.select() or {})
+            if not batch.waiting:  # every genome already recorded (a resumed run): told before anything new is asked
                 tell(batch)
+                continue
+            batches.append(batch)
+            if racing:
+                race = start_race(batch)
         if not flying:
             return generation
         done = pool.next_done()
@@ -152,17 +236,15 @@ def search(searcher: Searcher, store: RunStore, pool: Pool, decode: Decode, esti
         h = flying.pop(ticket)
         c = candidates[h]
         c.add(result)
+        if race is not None and h in race.genomes:
+            if not any(f in race.genomes for f in flying.values()):
+                race = next_round(race)
+            continue
         more = estimator.select(c.responses) if c.error is None else None
         if more:
             submit(h, more, later_round=True)
             continue
-        store.record(to_evaluation(candidates.pop(h), generation, estimator, objectives))
-        on_progress(generation)
-        for b in batches:
-            b.waiting.discard(h)
-        for b in [b for b in batches if not b.waiting]:
-            batches.remove(b)
-            tell(b)
+        record(h)
 
 
 def _recorded(store: RunStore, genome: np.ndarray) -> Evaluation:

@@ -5,8 +5,10 @@ held-out test mean of the exported model, for the same experiment and seeds.
     python scripts/bench_estimators.py --seeds 0 1 2 3 4 --kinds full adaptive gpirt random
     python scripts/bench_estimators.py --experiment experiments/nsga2_rev_sort.yaml --markdown out.md
 
-``random`` is run at the adaptive estimator's mean items per candidate (so the two compare at equal
-items) when both are asked for; ``gpirt`` at 10% of the items. Each run is a real `evomerge search`
+``random`` is run at the racing (else the adaptive) run's mean search items per candidate, so they
+compare at equal items; ``gpirt`` at 10% of the items. Items are every item scored (calibration,
+search, refits, drift, final confirmation, report checks) except the hand recipes scored for the
+report, which are the same for every estimator (their count is printed apart). Each run is a real `evomerge search`
 (in-process) into runs/bench-estimators/<kind>-s<seed>; an existing finished run is read, not redone.
 """
 
@@ -25,8 +27,16 @@ from evomerge.run import start
 SETTINGS = {
     "full": {"kind": "full"},
     "gpirt": {"kind": "gpirt", "budget": 0.1},
-    "adaptive": {"kind": "adaptive", "tolerance": 0.02, "max_items": 0.25, "calibration_models": 8},
+    "adaptive": {"kind": "adaptive", "tolerance": 0.02, "max_items": 0.25, "calibration_models": 4,
+                 "final_top_k": 3, "report_checks": 3},
+    "racing": {"kind": "adaptive", "tolerance": 0.02, "max_items": 0.25, "calibration_models": 4, "racing": True,
+               "final_top_k": 3, "report_checks": 3},
+    # 16 items per benchmark to start, halving up to 25%: ~130 items per candidate on a 12-candidate
+    # generation, the racing run's count
+    "successive_halving": {"kind": "successive_halving", "start_items": 16, "max_items": 0.25,
+                           "final_top_k": 3, "report_checks": 3},
 }
+EQUAL_ITEMS = ("racing", "adaptive")  # random subsampling runs at the first of these that ran
 
 
 def run_one(exp_path: Path, out: Path, kind: str, seed: int, estimator: dict) -> dict:
@@ -47,7 +57,9 @@ def run_one(exp_path: Path, out: Path, kind: str, seed: int, estimator: dict) ->
     names = [k for k in test if k != "error"]
     with open(run_dir / "phase0-ps" / "history.csv") as f:
         candidates = sum(1 for _ in f) - 1
-    return {"kind": kind, "seed": seed, "items": summary["items_scored"]["total"],
+    items = summary["items_scored"]
+    return {"kind": kind, "seed": seed, "items": items["total"] - items.get("references", 0),
+            "references": items.get("references", 0),
             "search_items": summary["items_scored"]["search"], "candidates": candidates,
             "full_evaluation": summary["items_scored"]["full_evaluation"],
             "test_mean": float(np.mean([test[n] for n in names])) if names else float("nan"),
@@ -63,15 +75,15 @@ def main() -> None:
     ap.add_argument("--markdown", type=Path)
     args = ap.parse_args()
     rows = []
-    order = sorted(args.kinds, key=lambda k: (k == "random", k))  # random after adaptive: it takes its budget
+    order = sorted(args.kinds, key=lambda k: (k == "random", k))  # random last: it takes another's items
     for seed in args.seeds:
         done: dict[str, dict] = {}
         for kind in order:
             estimator = dict(SETTINGS.get(kind, {"kind": kind}))
             if kind == "random":
-                ref = done.get("adaptive")
+                ref = next((done[k] for k in EQUAL_ITEMS if k in done), None)
                 budget = (ref["search_items"] / ref["candidates"] / ref["full_evaluation"]) if ref else 0.1
-                estimator = {"kind": "random", "budget": round(budget, 4)}
+                estimator = {"kind": "random", "budget": round(budget, 4), "final_top_k": 3, "report_checks": 3}
             done[kind] = run_one(args.experiment, args.out, kind, seed, estimator)
             rows.append(done[kind])
             print(json.dumps(done[kind]), flush=True)

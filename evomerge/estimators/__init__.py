@@ -1,7 +1,9 @@
 """Fitness estimators behind one interface (``base.FitnessEstimator``): ``full`` (every item),
 ``random`` (a fixed random subset) and the IRT family ``irt``, ``pirt``, ``gpirt``, ``mpirt``,
 ``gmpirt`` (anchors chosen by a calibration on the user's own benchmark) and ``adaptive`` (items
-chosen per candidate until its score is known to a tolerance; calibration refitted on the search)."""
+chosen per candidate until its score is known to a tolerance, optionally racing against the
+searcher's selection cut; calibration refitted on the search) and ``successive_halving`` (the
+multi-fidelity baseline: the better half of a generation goes on to twice the items)."""
 
 from __future__ import annotations
 
@@ -22,6 +24,10 @@ def make_fitness_estimator(inputs: EstimatorInputs) -> FitnessEstimator:
         from evomerge.estimators.reduced import SubsampledFitness
 
         return SubsampledFitness(inputs)
+    if kind == "successive_halving":
+        from evomerge.estimators.halving import SuccessiveHalving
+
+        return SuccessiveHalving(inputs)
     if kind == "adaptive":
         from evomerge.estimators.adaptive import AdaptiveFitness
 

@@ -12,18 +12,24 @@ sources and a handful of random merges, then refitted on the search's own respon
   Every ``refit_every`` generations the model is refitted on that population plus every search
   candidate's answers (unseen items are missing data), deterministically, and saved with the run's
   calibrations (``CalibrationLog``), so a resumed run uses exactly the refit it had.
+- Racing (``racing: true``, a searcher with a selection cut: CMA-ES's mu best): a generation is
+  tested round by round together, and a candidate stops as soon as its fitness interval is clear of
+  the cut (``evomerge.estimators.racing``), so the searcher selects the same parents as with full
+  scores with probability >= 1 - ``delta``; the others go on to the tolerance as before.
 - The final choice confirms the best estimates on every item (``ReducedFitness``), and the report
   states the estimator's error on candidates it never calibrated on.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Mapping, Sequence
 
 import numpy as np
 
 from evomerge.estimators.base import EstimatorInputs, PhaseView, Selection
 from evomerge.estimators.calibrations import INITIAL, CalibrationLog, save_calibrations, score_population, tag_of
+from evomerge.estimators.racing import combined_se, settled, z_value
 from evomerge.estimators.reduced import ReducedFitness
 from evomerge.evaluate.base import ItemResponses
 from evomerge.irt.adaptive import Prediction, next_items, predict
@@ -52,6 +58,7 @@ class AdaptiveFitness(ReducedFitness):
 
     def __init__(self, inputs: EstimatorInputs) -> None:
         super().__init__(inputs)
+        self.races = inputs.spec.racing
         self.per_benchmark = {}
         self.log = CalibrationLog(inputs.run_dir)
         tag = self.log.latest(before=tag_of(0, 0))
@@ -111,6 +118,42 @@ class AdaptiveFitness(ReducedFitness):
         for b, (seen, y) in self._answered(responses).items():
             out[b] = self.prediction(b, seen, y).score
         return out
+
+    # -- racing against the selection cut -------------------------------------------------------------
+    def interval(self, responses: Sequence[ItemResponses]) -> tuple[float, float]:
+        """The candidate's fitness estimate and its standard error (NaN, inf when an objective is not
+        an item benchmark this estimator predicts: such a candidate is never settled by the race)."""
+        state = self._answered(responses)
+        obj = self.inputs.objectives
+        est: dict[str, float] = {}
+        ses: list[float] = []
+        for name in obj.names:
+            if name not in self.cals:
+                return math.nan, math.inf
+            seen, y = state.get(name, (np.zeros(0, dtype=np.int64), np.zeros(0)))
+            pred = self.prediction(name, seen, y)
+            est[name] = pred.score
+            ses.append(pred.se)
+        return obj.fitness(est), combined_se(np.array(obj.weights), np.array(ses))
+
+    def rounds(self) -> int:
+        """The most rounds a candidate can take: the start and then ``batch`` items up to ``max_items``."""
+        spec = self.inputs.spec
+        return max(1 + math.ceil(max(resolve_budget(spec.max_items, cal.num_items) - spec.start_items, 0) / spec.batch)
+                   for cal in self.cals.values())
+
+    def race(self, answered: Sequence[Sequence[ItemResponses] | None], active: Sequence[bool],
+             keep: int | None) -> list[Selection | None]:
+        plain = super().race(answered, active, keep)
+        if keep is None or not any(p is not None for p in plain):
+            return plain
+        means, ses = np.full(len(answered), -math.inf), np.zeros(len(answered))
+        for i, a in enumerate(answered):
+            if a is not None:
+                means[i], ses[i] = self.interval(a)
+        z = z_value(self.inputs.spec.delta, len(answered), self.rounds())
+        done = settled(means, ses, keep, z)
+        return [None if d else p for p, d in zip(plain, done)]
 
     # -- calibration from the search ----------------------------------------------------------------
     def begin_phase(self, phase: PhaseView, generation: int) -> None:

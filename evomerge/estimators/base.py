@@ -70,6 +70,8 @@ class FitnessEstimator(ABC):
     """See the module docstring. Subclasses: ``full``, ``random``, and the IRT family."""
 
     kind: str = "full"
+    #: whether a generational search runs a whole generation's rounds together (``race``)
+    races: bool = False
 
     def __init__(self, inputs: EstimatorInputs) -> None:
         self.inputs = inputs
@@ -81,6 +83,15 @@ class FitnessEstimator(ABC):
     def select(self, answered: Sequence[ItemResponses] = ()) -> Selection | None:
         """The items to score next for a candidate that has ``answered`` these so far (nothing yet: the
         first round); None once it has enough. Every estimator here needs one round."""
+
+    def race(self, answered: Sequence[Sequence[ItemResponses] | None], active: Sequence[bool],
+             keep: int | None) -> list[Selection | None]:
+        """The next round of a whole generation (when ``races``): what each candidate that is still
+        ``active`` scores next (None: it has enough), given what every candidate of the generation has
+        ``answered`` so far (None: it failed) and the searcher's selection cut (``keep`` best, None
+        when it has none). Called only between rounds, with every candidate's answers in, so the
+        decisions depend on the answers alone: the same with one worker or many, and after a resume."""
+        return [self.select(a) if on and a is not None else None for a, on in zip(answered, active)]
 
     def estimate(self, responses: Sequence[ItemResponses], raw: Mapping[str, float]) -> dict[str, float]:
         """Objectives from the responses; ``raw``: the worker's plain means (and custom functions'

@@ -59,15 +59,16 @@ class ReducedFitness(FitnessEstimator):
             return super().full_fitness(phase, ev)
         return self.inputs.objectives.fitness({**named(ev), **{b: x["accuracy"] for b, x in confirmed.items()}})
 
-    def report(self, phase: PhaseView, chosen: Evaluation, n: int = 8) -> str:
+    def report(self, phase: PhaseView, chosen: Evaluation) -> str:
         """The estimator's error measured on search candidates (never in the calibration population):
         the ``final_top_k`` best estimates (already scored on every item for the final choice), or else
-        the best estimate, and others drawn evenly from the run up to ``n``, each scored on every item;
-        ``chosen`` (the phase's result) is marked."""
+        the best estimate, and others drawn evenly from the run up to ``report_checks``, each scored on
+        every item; ``chosen`` (the phase's result) is marked."""
         evs = phase.scored()
         if not evs:
             return ""
         spec = self.inputs.spec
+        n = spec.report_checks
         cached = phase.store.get_meta("full_scores", {}) or {}
         lines = []
         confirmed = cached.get(chosen.genome_hash)
@@ -96,8 +97,10 @@ class ReducedFitness(FitnessEstimator):
                     rows.append(f"| {e.genome_hash[:10]}{mark} | g{e.generation} | {b} | {est[b]:.4f} | "
                                 f"{acc:.4f} | {err:+.4f} |")
         drift = phase.store.get_meta("drift", []) or []
-        settings = (f"tolerance {spec.tolerance}, max_items {spec.max_items}" if spec.kind == "adaptive"
-                    else f"budget {spec.budget}")
+        settings = {"adaptive": f"tolerance {spec.tolerance}, max_items {spec.max_items}"
+                    + (f", racing with delta {spec.delta}" if spec.racing else ""),
+                    "successive_halving": f"start_items {spec.start_items}, max_items {spec.max_items}"
+                    }.get(spec.kind, f"budget {spec.budget}")
         text = [f"### Fitness estimator ({spec.kind}, {settings})", "", *lines,
                 "Measured on search candidates that were never in the calibration population, each "
                 "evaluated on every item after the search"

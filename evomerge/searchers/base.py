@@ -229,6 +229,12 @@ class Searcher(ABC):
         return [g.copy() for g in self._pending]
 
     @property
+    def selection_size(self) -> int | None:
+        """How many of a generation the searcher selects as parents (the cut a racing estimator races
+        against), None when it has no such cut (steady-state searchers, Pareto survival)."""
+        return None
+
+    @property
     def n_told(self) -> int:
         return self._n_told
 

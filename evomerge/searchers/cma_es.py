@@ -59,6 +59,11 @@ class CmaEsSearcher(Searcher):
         return int(self._cma.population_size)
 
     @property
+    def selection_size(self) -> int:
+        """mu: the best of a generation that move the mean (cmaes' weighted recombination)."""
+        return int(self._cma._mu)
+
+    @property
     def generation(self) -> int:
         """Generations told so far."""
         return int(self._cma.generation)
