@@ -39,6 +39,33 @@ SETTINGS = {
 EQUAL_ITEMS = ("racing", "adaptive")  # random subsampling runs at the first of these that ran
 
 
+def hypervolume(points: list[list[float]]) -> float:
+    """The area two objectives (maximized, in [0, 1]) dominate above the reference point (0, 0)."""
+    area, best_y = 0.0, 0.0
+    for x, y in sorted(((p[0], p[1]) for p in points), reverse=True):  # sweep from the largest x
+        if y > best_y:
+            area += x * (y - best_y)
+            best_y = y
+    return area
+
+
+def estimator_for(kind: str, done: dict[str, dict]) -> dict:
+    """The estimator settings of a benchmark kind: a name of SETTINGS, ``random`` (at the equal-items
+    run's count), or ``NAME@VALUE``: ``random@0.05`` a budget, ``adaptive@0.03`` / ``racing@0.03`` a
+    tolerance, ``successive_halving@8`` the start items (for the curve of gap against items)."""
+    base, _, value = kind.partition("@")
+    if base == "random":
+        ref = next((done[k] for k in EQUAL_ITEMS if k in done), None)
+        budget = float(value) if value else (
+            ref["search_items"] / ref["candidates"] / ref["full_evaluation"] if ref else 0.1)
+        return {"kind": "random", "budget": round(budget, 4), "final_top_k": 3, "report_checks": 3}
+    estimator = dict(SETTINGS.get(base, {"kind": base}))
+    if value:
+        estimator["start_items" if base == "successive_halving" else "tolerance"] = (
+            int(value) if base == "successive_halving" else float(value))
+    return estimator
+
+
 def run_one(exp_path: Path, out: Path, kind: str, seed: int, estimator: dict) -> dict:
     run_dir = out / f"{kind}-s{seed}"
     if not (run_dir / "summary.json").exists():
@@ -53,8 +80,8 @@ def run_one(exp_path: Path, out: Path, kind: str, seed: int, estimator: dict) ->
         start(path, run_dir)
         (run_dir / "wall_s.json").write_text(json.dumps(time.perf_counter() - t0))
     summary = json.loads((run_dir / "summary.json").read_text())
-    test = summary["test"].get("best", {})
-    names = [k for k in test if k != "error"]
+    models = {m: {k: v for k, v in t.items() if k != "error"} for m, t in summary["test"].items()
+              if m == "best" or m.startswith("pareto-")}
     with open(run_dir / "phase0-ps" / "history.csv") as f:
         candidates = sum(1 for _ in f) - 1
     items = summary["items_scored"]
@@ -62,7 +89,8 @@ def run_one(exp_path: Path, out: Path, kind: str, seed: int, estimator: dict) ->
             "references": items.get("references", 0),
             "search_items": summary["items_scored"]["search"], "candidates": candidates,
             "full_evaluation": summary["items_scored"]["full_evaluation"],
-            "test_mean": float(np.mean([test[n] for n in names])) if names else float("nan"),
+            "test_mean": float(np.mean([np.mean(list(t.values())) for t in models.values()])) if models else np.nan,
+            "test_hv": hypervolume([list(t.values()) for t in models.values()]) if "best" not in models else None,
             "wall_s": json.loads((run_dir / "wall_s.json").read_text()) if (run_dir / "wall_s.json").exists() else None}
 
 
@@ -79,28 +107,37 @@ def main() -> None:
     for seed in args.seeds:
         done: dict[str, dict] = {}
         for kind in order:
-            estimator = dict(SETTINGS.get(kind, {"kind": kind}))
-            if kind == "random":
-                ref = next((done[k] for k in EQUAL_ITEMS if k in done), None)
-                budget = (ref["search_items"] / ref["candidates"] / ref["full_evaluation"]) if ref else 0.1
-                estimator = {"kind": "random", "budget": round(budget, 4), "final_top_k": 3, "report_checks": 3}
+            estimator = estimator_for(kind, done)
             done[kind] = run_one(args.experiment, args.out, kind, seed, estimator)
             rows.append(done[kind])
             print(json.dumps(done[kind]), flush=True)
+    print(table(rows, order))
+    if args.markdown:
+        args.markdown.write_text(table(rows, order) + "\n")
+
+
+def table(rows: list[dict], order: list[str]) -> str:
+    """Per estimator, means over seeds; gaps are full's value minus the estimator's at the same seed
+    (positive: worse than full), on the held-out test mean (single objective) or on the hypervolume
+    of the exported models' held-out scores (Pareto)."""
+    pareto = any(r["test_hv"] is not None for r in rows)
+    key = "test_hv" if pareto else "test_mean"
     full = {r["seed"]: r for r in rows if r["kind"] == "full"}
     lines = ["| estimator | seeds | items scored (mean) | items vs full | held-out test mean | "
-             "gap to full (mean / worst) |", "|---|---|---|---|---|---|"]
+             + ("held-out hypervolume | " if pareto else "") + "gap to full (mean / worst) | wall s (mean) |",
+             "|---|---|---|---|---|" + ("---|" if pareto else "") + "---|---|"]
+    full_items = np.mean([r["items"] for r in full.values()]) if full else np.nan
     for kind in order:
         rs = [r for r in rows if r["kind"] == kind]
-        gaps = [full[r["seed"]]["test_mean"] - r["test_mean"] for r in rs if r["seed"] in full]
-        ratio = np.mean([full[r["seed"]]["items"] / r["items"] for r in rs if r["seed"] in full]) if full else np.nan
-        gap_text = f"{np.mean(gaps):+.4f} / {max(gaps, key=abs):+.4f}" if gaps else "-"
-        lines.append(f"| {kind} | {len(rs)} | {np.mean([r['items'] for r in rs]):,.0f} | {1 / ratio:.3f} "
-                     f"({ratio:.1f}x fewer) | {np.mean([r['test_mean'] for r in rs]):.4f} | {gap_text} |")
-    table = "\n".join(lines)
-    print(table)
-    if args.markdown:
-        args.markdown.write_text(table + "\n")
+        gaps = [full[r["seed"]][key] - r[key] for r in rs if r["seed"] in full]
+        ratio = full_items / np.mean([r["items"] for r in rs])
+        gap_text = f"{np.mean(gaps):+.4f} / {max(gaps):+.4f}" if gaps else "-"
+        hv = f"{np.mean([r['test_hv'] for r in rs]):.4f} | " if pareto else ""
+        walls = [r["wall_s"] for r in rs if r["wall_s"] is not None]
+        lines.append(f"| {kind} | {len(rs)} | {np.mean([r['items'] for r in rs]):,.0f} | {ratio:.1f}x fewer | "
+                     f"{np.mean([r['test_mean'] for r in rs]):.4f} | {hv}{gap_text} | "
+                     f"{np.mean(walls) if walls else float('nan'):.0f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

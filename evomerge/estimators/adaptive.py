@@ -37,6 +37,8 @@ from evomerge.irt.anchors import resolve_budget
 from evomerge.irt.calibrate import Population
 from evomerge.irt.calibration import Calibration
 from evomerge.irt.fit import Prior, fit_m2pl, select_dim
+from evomerge.objectives import named
+from evomerge.runstore import Evaluation
 
 REFIT_DIMS = (1, 2, 3, 4)
 
@@ -154,6 +156,22 @@ class AdaptiveFitness(ReducedFitness):
         z = z_value(self.inputs.spec.delta, len(answered), self.rounds())
         done = settled(means, ses, keep, z)
         return [None if d else p for p, d in zip(plain, done)]
+
+    def ranking(self, phase: PhaseView, evs: Sequence[Evaluation]) -> list[float]:
+        """Every candidate re-estimated from its kept answers by the phase's newest refit: an early
+        candidate's estimate came from the first, small calibration, and on the demo the largest
+        early overestimate (0.08) was the top estimate of its run. Costs no item."""
+        tag = self.log.latest(before=tag_of(phase.index + 1, 0))
+        if tag is not None:
+            self._use(self.log.load(tag)[0])
+        fitness = self.inputs.objectives.fitness
+        out = []
+        for e in evs:
+            responses = [ItemResponses(r["benchmark"], list(r["item_ids"]), np.asarray(r["scores"]))
+                         for r in e.responses or []]
+            f = fitness(self.estimate(responses, named(e))) if responses else math.nan
+            out.append(f if math.isfinite(f) else float(e.fitness or 0.0))
+        return out
 
     # -- calibration from the search ----------------------------------------------------------------
     def begin_phase(self, phase: PhaseView, generation: int) -> None:

@@ -47,10 +47,15 @@ class ReducedFitness(FitnessEstimator):
         ok = phase.scored()
         if not k or self.inputs.objectives.n_obj != 1 or not ok:
             return super().final_choice(phase)
-        top = sorted(ok, key=lambda e: (-float(e.fitness or 0.0), e.rowid or 0))[:k]
+        ranked = self.ranking(phase, ok)
+        top = [e for _, e in sorted(zip(ranked, ok), key=lambda x: (-x[0], x[1].rowid or 0))][:k]
         scores = full_scores(phase, top, self.inputs)
         fitness = self.inputs.objectives.fitness
         return [max(top, key=lambda e: (fitness({**named(e), **scores[e.genome_hash]}), -(e.rowid or 0)))]
+
+    def ranking(self, phase: PhaseView, evs: Sequence[Evaluation]) -> list[float]:
+        """The fitness the final choice ranks ``evs`` by: their estimates as recorded."""
+        return [float(e.fitness or 0.0) for e in evs]
 
     def full_fitness(self, phase: PhaseView, ev: Evaluation) -> float:
         """The fitness on every item where the final choice or the report scored ``ev`` on all of them."""
