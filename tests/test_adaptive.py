@@ -5,6 +5,7 @@ on its own answers and resumes exactly after SIGKILL."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import yaml
@@ -89,13 +90,28 @@ def test_adaptive_search_refits_on_its_answers_and_resumes_exactly(zoo, tmp_path
         assert all(set(c) == set(zoo.skills) for c in counts)
         assert all(8 <= n <= 20 for c in counts for n in c.values())  # 40 items each: start 8, at most half
         assert any(n > 8 for c in counts for n in c.values())  # some needed a second round
-        for ev in evs:  # an item is never scored twice for one candidate
+    reference, _ = final_state(ref)
+    assert_answers_kept_and_resumes_exactly(ref, tmp_path, seed=2)
+
+    # two workers finish candidates in another order; the refits, and so the search, are the same
+    (tmp_path / "exp2.yaml").write_text(yaml.safe_dump({**exp, "workers": 2}))
+    code, out = run_cli(["search", str(tmp_path / "exp2.yaml"), "-o", str(tmp_path / "two")], tmp_path)
+    assert code == 0, out
+    two, _ = final_state(tmp_path / "two")
+    np.testing.assert_array_equal(two[0], reference[0])
+    assert two[1:] == reference[1:]
+
+
+def assert_answers_kept_and_resumes_exactly(ref: Path, tmp_path: Path, seed: int) -> None:
+    """No candidate of the finished run ``ref`` scored an item twice, and the same experiment
+    (tmp_path/exp.yaml) SIGKILLed twice at random points and resumed ends in ``ref``'s exact state."""
+    with RunStore(ref / "phase0-ps" / "run.sqlite", readonly=True) as store:
+        for ev in store.evaluations():
             ids = [(r["benchmark"], i) for r in ev.responses for i in r["item_ids"]]
             assert len(ids) == len(set(ids))
     reference, ref_hashes = final_state(ref)
-
     cut = tmp_path / "cut"
-    rng = random.Random(2)
+    rng = random.Random(seed)
     assert kill_and_resume(tmp_path / "exp.yaml", cut, tmp_path, sorted(rng.sample(range(2, 17), 2)), rng, 0.5) == 2
     resumed, hashes = final_state(cut)
     assert hashes == ref_hashes

@@ -5,13 +5,12 @@ and resumed exactly."""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import numpy as np
 import yaml
-from test_adaptive import synthetic
-from test_search import experiment, final_state, kill_and_resume, run_cli
+from test_adaptive import assert_answers_kept_and_resumes_exactly, synthetic
+from test_search import experiment, run_cli
 
 from evomerge.config import EstimatorSpec
 from evomerge.estimators.base import EstimatorInputs
@@ -143,15 +142,4 @@ def test_racing_search_keeps_its_race_and_resumes_exactly(zoo, tmp_path):
         evs = store.evaluations()
         rounds = [len(ev.responses) // len(zoo.skills) for ev in evs]
         assert min(rounds) >= 1 and max(rounds) > 1  # some stopped at the start, some raced on
-        for ev in evs:
-            ids = [(r["benchmark"], i) for r in ev.responses for i in r["item_ids"]]
-            assert len(ids) == len(set(ids))
-    reference, ref_hashes = final_state(ref)
-
-    cut = tmp_path / "cut"
-    rng = random.Random(4)
-    assert kill_and_resume(tmp_path / "exp.yaml", cut, tmp_path, sorted(rng.sample(range(2, 17), 2)), rng, 0.5) == 2
-    resumed, hashes = final_state(cut)
-    assert hashes == ref_hashes
-    np.testing.assert_array_equal(resumed[0], reference[0])
-    assert resumed[1:] == reference[1:]
+    assert_answers_kept_and_resumes_exactly(ref, tmp_path, seed=4)

@@ -186,7 +186,8 @@ class AdaptiveFitness(ReducedFitness):
         if not every or (generation + 1) % every:
             return
         _, pops = self.log.load(INITIAL)
-        evs = phase.store.evaluations("ok")
+        # in a fixed order, not the order workers finished in: 1 or N workers give the same refit
+        evs = sorted(phase.store.evaluations("ok"), key=lambda e: (e.generation, e.genome_hash))
         cals = {}
         for b, pop in pops.items():
             where = self.positions[b]
