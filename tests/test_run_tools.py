@@ -138,7 +138,9 @@ def test_report_of_a_killed_run_and_resume_continues_the_tracked_run(zoo, tmp_pa
         assert (run / f).stat().st_size > 0, f
     assert not (run / "summary.json").exists()  # still an unfinished run for status and resume
     killed = json.loads(cli("status", str(run), "--json").stdout)
-    assert killed["state"].startswith("searching") and killed["phases"][0]["done"] >= 8
+    done = killed["phases"][0]["done"]
+    # a loaded machine can poll so slowly that the 18 candidates are all in before the kill
+    assert done >= 8 and killed["state"].startswith("searching" if done < 18 else ("searching", "finishing"))
     cli("report", str(run), "--format", "svg")
     assert (run / "phase0-ps" / "fitness.svg").read_text().lstrip().startswith("<?xml")
     # resume: the same TensorBoard folder, each generation logged once
