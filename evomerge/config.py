@@ -164,15 +164,17 @@ class EstimatorSpec(Strict):
     # the report's error check: this many search candidates scored on every item (the final top k count
     # toward it, so report_checks <= final_top_k costs nothing more)
     report_checks: int = Field(8, ge=1)
-    # adaptive: stop a candidate when its predicted score's standard error is below tolerance (per
-    # benchmark) or at max_items (a fraction or a count); start_items, then batch items a round
+    # adaptive: stop a candidate when the standard error of what the searcher is told (one objective: the
+    # weighted fitness; several: each benchmark) is below tolerance, or at max_items per benchmark (a
+    # fraction or a count); start_items, then batch items a round
     tolerance: float = Field(0.02, gt=0)
     max_items: float = Field(0.25, gt=0)
     start_items: int = Field(16, ge=1)
     batch: int = Field(16, ge=1)
     refit_every: int = Field(5, ge=0)  # generations between refits on the search's own answers (0: never)
-    # adaptive: stop a candidate once its fitness interval is clear of the searcher's selection cut
-    # (CMA-ES: the mu best), so that the same parents are selected as with full scores w.p. >= 1 - delta
+    # adaptive: stop a candidate once its fitness interval (several objectives: its box) is clear of the
+    # searcher's selection cut (CMA-ES: the mu best; NSGA-II: its population size over the population and
+    # the offspring), so that the same candidates are kept as with full scores w.p. >= 1 - delta
     racing: bool = False
     delta: float = Field(0.05, gt=0, lt=1)
 

@@ -16,7 +16,8 @@ objectives; its ``after_generation`` hook (a drift check) runs before each commi
 
 A racing estimator (``estimator.races``, generational searchers only) decides a whole generation's
 rounds together: a round is sent for every candidate still in the race, and only when all its answers
-are in does the estimator choose the next (``race``), against the searcher's selection cut. So its
+are in does the estimator choose the next (``race``), against the searcher's selection cut (its places
+and the incumbents that compete for them, with their kept answers). So its
 decisions depend on the answers alone, never on which worker finished first. The state between
 rounds (every candidate's answers so far) is saved in the run store's meta ``race``; a run killed in
 the middle of a generation resumes from its last completed round, and its candidates are recorded
@@ -26,11 +27,11 @@ together, in the batch's order, once the race is settled.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from evomerge.estimators import FitnessEstimator, PhaseView, Selection
+from evomerge.estimators import Cut, FitnessEstimator, PhaseView, Selection
 from evomerge.evaluate.base import ItemResponses
 from evomerge.objectives import Objectives
 from evomerge.recipe import Recipe
@@ -195,7 +196,7 @@ def search(searcher: Searcher, store: RunStore, pool: Pool, decode: Decode, esti
             else:
                 answered.append(None)
             active.append(c is not None and c.error is None and h not in r.settled)
-        decisions = estimator.race(answered, active, searcher.selection_size)
+        decisions = estimator.race(answered, active, selection_cut(searcher, store, r.genomes))
         more = {h: d for (h, on, d) in zip(r.genomes, active, decisions) if on and d is not None}
         r.settled |= {h for h in r.genomes if h in candidates and h not in more}
         store.set_meta("race", {"generation": r.generation, "settled": sorted(r.settled),
@@ -245,6 +246,23 @@ def search(searcher: Searcher, store: RunStore, pool: Pool, decode: Decode, esti
             submit(h, more, later_round=True)
             continue
         record(h)
+
+
+def selection_cut(searcher: Searcher, store: RunStore, racing: Mapping[str, np.ndarray]) -> Cut | None:
+    """The searcher's cut for the generation ``racing``: its places and the incumbents' kept answers
+    (None: no cut, or an incumbent the store does not hold, so nothing is raced)."""
+    keep = searcher.selection_size
+    if keep is None:
+        return None
+    incumbents: list[list[ItemResponses] | None] = []
+    for g in searcher.incumbents:
+        if genome_hash(g) in racing:
+            continue
+        ev = store.lookup(g)
+        if ev is None:
+            return None
+        incumbents.append([ItemResponses.from_json(x) for x in ev.responses or []] if ev.ok else None)
+    return Cut(keep, incumbents)
 
 
 def _recorded(store: RunStore, genome: np.ndarray) -> Evaluation:

@@ -86,26 +86,30 @@ def items_scored(run_dir: Path, phases: Sequence[PhaseResult], full_items: int, 
 
     ``full_items``: the items of one full evaluation (every item benchmark); ``references``: the
     recipes scored on every item for the report (hand recipes and sources); ``checked``: the items of
-    the benchmark check before the search. Calibration counts the population scored before the search
-    (refits and drift recalibrations reuse answers already counted); final_and_report: the candidates
-    scored on every item to confirm the final choice and to measure the estimator's error."""
+    the benchmark check before the search. Calibration counts the population scored before the search;
+    refits score no item (they refit on answers already counted, so the part is 0 and
+    ``refit_count`` says how many there were); final: the candidates scored on every item to confirm
+    the final choice; report: those scored on every item only to measure the estimator's error."""
     calibration = 0
     initial = run_dir / "calibration" / "initial"
     for pop in sorted(initial.glob("*.population.npz")) if (initial / "complete").exists() else []:
         with np.load(pop, allow_pickle=False) as z:
             calibration += int(np.isfinite(z["responses"]).sum())
-    search = drift = confirmed = refits = 0
+    search = drift = final = report = refits = 0
     for ph in phases:
         assert ph.store_path is not None
         with RunStore(ph.store_path, readonly=True) as store:
             search += sum(len(r["item_ids"]) for e in store.evaluations() for r in (e.responses or []))
             drift += len(store.get_meta("drift", []) or []) * full_items
-            confirmed += sum(x["items"] for s in (store.get_meta("full_scores", {}) or {}).values()
-                             for x in s.values())
+            chosen_among = set(store.get_meta("final_confirmed", []) or [])
+            for h, s in (store.get_meta("full_scores", {}) or {}).items():
+                items = sum(x["items"] for x in s.values())
+                final += items if h in chosen_among else 0
+                report += 0 if h in chosen_among else items
         refits += sum(1 for p in (run_dir / "calibration").glob(f"t{ph.index:03d}*") if (p / "complete").exists())
-    parts = {"calibration": calibration, "search": search, "drift": drift, "final_and_report": confirmed,
-             "references": references * full_items, "checks": checked}
-    return {"total": sum(parts.values()), **parts, "refits": refits, "full_evaluation": full_items}
+    parts = {"calibration": calibration, "search": search, "refits": 0, "drift": drift, "final": final,
+             "report": report, "references": references * full_items, "checks": checked}
+    return {"total": sum(parts.values()), **parts, "refit_count": refits, "full_evaluation": full_items}
 
 
 def write_outputs(run_dir: Path, exp: Experiment, phases: list[PhaseResult], objectives: Objectives,

@@ -122,6 +122,7 @@ def resolve_items_ref(ref: str | Path, root: Path | None = None) -> Path:
 
         return resolve_smol_items(text)
     from evomerge.zoo import ensure_zoo
+    from evomerge.zoo.build import LARGE_SPLITS, ensure_large_split
 
     zoo = ensure_zoo()
     if scheme == "hetero:":
@@ -135,6 +136,8 @@ def resolve_items_ref(ref: str | Path, root: Path | None = None) -> Path:
             have = sorted(p.stem for p in path.parent.glob("*.jsonl"))
             raise ValueError(f"reference '{text}': no split '{split}'; choose one of {have}")
         return path
+    if split in LARGE_SPLITS and zoo.items_path(skill, "fitness").exists():
+        return ensure_large_split(zoo, skill, split)
     path = zoo.items_path(skill, split)
     if not path.exists():
         have = sorted(f"zoo:{p.parent.name}/{p.stem}" for p in (zoo.root / "items").glob("*/*.jsonl"))

@@ -4,6 +4,7 @@ held-out test mean of the exported model, for the same experiment and seeds.
     python scripts/bench_estimators.py                                   # the demo, seed 0
     python scripts/bench_estimators.py --seeds 0 1 2 3 4 --kinds full adaptive gpirt random
     python scripts/bench_estimators.py --experiment experiments/nsga2_rev_sort.yaml --markdown out.md
+    python scripts/bench_estimators.py --split fitness_large --out runs/bench-large   # 5,000 items a skill
 
 ``random`` is run at the racing (else the adaptive) run's mean search items per candidate, so they
 compare at equal items; ``gpirt`` at 10% of the items. Items are every item scored (calibration,
@@ -52,7 +53,8 @@ def hypervolume(points: list[list[float]]) -> float:
 def estimator_for(kind: str, done: dict[str, dict]) -> dict:
     """The estimator settings of a benchmark kind: a name of SETTINGS, ``random`` (at the equal-items
     run's count), or ``NAME@VALUE``: ``random@0.05`` a budget, ``adaptive@0.03`` / ``racing@0.03`` a
-    tolerance, ``successive_halving@8`` the start items (for the curve of gap against items)."""
+    tolerance, ``successive_halving@8`` the start items (for the curve of gap against items), or
+    ``NAME@KEY=VALUE,...`` any estimator settings."""
     base, _, value = kind.partition("@")
     if base == "random":
         ref = next((done[k] for k in EQUAL_ITEMS if k in done), None)
@@ -60,18 +62,22 @@ def estimator_for(kind: str, done: dict[str, dict]) -> dict:
             ref["search_items"] / ref["candidates"] / ref["full_evaluation"] if ref else 0.1)
         return {"kind": "random", "budget": round(budget, 4), "final_top_k": 3, "report_checks": 3}
     estimator = dict(SETTINGS.get(base, {"kind": base}))
-    if value:
+    if "=" in value:  # racing@tolerance=0.03,batch=32: any settings
+        estimator.update({k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in value.split(","))})
+    elif value:
         estimator["start_items" if base == "successive_halving" else "tolerance"] = (
             int(value) if base == "successive_halving" else float(value))
     return estimator
 
 
-def run_one(exp_path: Path, out: Path, kind: str, seed: int, estimator: dict) -> dict:
+def run_one(exp_path: Path, out: Path, kind: str, seed: int, estimator: dict, split: str = "fitness") -> dict:
     run_dir = out / f"{kind}-s{seed}"
     if not (run_dir / "summary.json").exists():
         data = yaml.safe_load(exp_path.read_text())
         data["seed"] = seed
         data["fitness"]["estimator"] = estimator
+        for o in data["fitness"]["objectives"]:  # the large-benchmark variant: zoo:<skill>/fitness_large
+            o["benchmark"]["path"] = o["benchmark"]["path"].replace("/fitness", f"/{split}")
         data["name"] = f"{data['name']}-{kind}-s{seed}"
         path = out / f"{kind}-s{seed}.yaml"
         out.mkdir(parents=True, exist_ok=True)
@@ -86,6 +92,7 @@ def run_one(exp_path: Path, out: Path, kind: str, seed: int, estimator: dict) ->
         candidates = sum(1 for _ in f) - 1
     items = summary["items_scored"]
     return {"kind": kind, "seed": seed, "items": items["total"] - items.get("references", 0),
+            "parts": {k: items.get(k, 0) for k in ("calibration", "search", "final", "report", "drift")},
             "references": items.get("references", 0),
             "search_items": summary["items_scored"]["search"], "candidates": candidates,
             "full_evaluation": summary["items_scored"]["full_evaluation"],
@@ -101,6 +108,8 @@ def main() -> None:
     ap.add_argument("--kinds", nargs="+", default=["full", "adaptive", "random", "gpirt"])
     ap.add_argument("--out", type=Path, default=Path("runs/bench-estimators"))
     ap.add_argument("--markdown", type=Path)
+    ap.add_argument("--split", default="fitness", help="the zoo's fitness split the objectives use: fitness "
+                    "(600 items per skill) or fitness_large (5,000, the large-benchmark variant)")
     args = ap.parse_args()
     rows = []
     order = sorted(args.kinds, key=lambda k: (k == "random", k))  # random last: it takes another's items
@@ -108,7 +117,7 @@ def main() -> None:
         done: dict[str, dict] = {}
         for kind in order:
             estimator = estimator_for(kind, done)
-            done[kind] = run_one(args.experiment, args.out, kind, seed, estimator)
+            done[kind] = run_one(args.experiment, args.out, kind, seed, estimator, args.split)
             rows.append(done[kind])
             print(json.dumps(done[kind]), flush=True)
     print(table(rows, order))
@@ -123,9 +132,10 @@ def table(rows: list[dict], order: list[str]) -> str:
     pareto = any(r["test_hv"] is not None for r in rows)
     key = "test_hv" if pareto else "test_mean"
     full = {r["seed"]: r for r in rows if r["kind"] == "full"}
-    lines = ["| estimator | seeds | items scored (mean) | items vs full | held-out test mean | "
-             + ("held-out hypervolume | " if pareto else "") + "gap to full (mean / worst) | wall s (mean) |",
-             "|---|---|---|---|---|" + ("---|" if pareto else "") + "---|---|"]
+    lines = ["| estimator | seeds | items scored (mean) | calibration / search / final / report | items vs full | "
+             "held-out test mean | " + ("held-out hypervolume | " if pareto else "")
+             + "gap to full (mean / worst) | wall s (mean) |",
+             "|---|---|---|---|---|---|" + ("---|" if pareto else "") + "---|---|"]
     full_items = np.mean([r["items"] for r in full.values()]) if full else np.nan
     for kind in order:
         rs = [r for r in rows if r["kind"] == kind]
@@ -134,7 +144,10 @@ def table(rows: list[dict], order: list[str]) -> str:
         gap_text = f"{np.mean(gaps):+.4f} / {max(gaps):+.4f}" if gaps else "-"
         hv = f"{np.mean([r['test_hv'] for r in rs]):.4f} | " if pareto else ""
         walls = [r["wall_s"] for r in rs if r["wall_s"] is not None]
-        lines.append(f"| {kind} | {len(rs)} | {np.mean([r['items'] for r in rs]):,.0f} | {ratio:.1f}x fewer | "
+        parts = " / ".join(f"{np.mean([r['parts'][p] for r in rs]):,.0f}"
+                           for p in ("calibration", "search", "final", "report"))
+        lines.append(f"| {kind} | {len(rs)} | {np.mean([r['items'] for r in rs]):,.0f} | {parts} | "
+                     f"{ratio:.1f}x fewer | "
                      f"{np.mean([r['test_mean'] for r in rs]):.4f} | {hv}{gap_text} | "
                      f"{np.mean(walls) if walls else float('nan'):.0f} |")
     return "\n".join(lines)

@@ -7,9 +7,9 @@ multi-fidelity baseline: the better half of a generation goes on to twice the it
 
 from __future__ import annotations
 
-from evomerge.estimators.base import EstimatorInputs, FitnessEstimator, PhaseView, ScoreAll, Selection
+from evomerge.estimators.base import Cut, EstimatorInputs, FitnessEstimator, PhaseView, ScoreAll, Selection
 
-__all__ = ["EstimatorInputs", "FitnessEstimator", "PhaseView", "ScoreAll", "Selection", "make_fitness_estimator"]
+__all__ = ["Cut", "EstimatorInputs", "FitnessEstimator", "PhaseView", "ScoreAll", "Selection", "make_fitness_estimator"]
 
 
 def make_fitness_estimator(inputs: EstimatorInputs) -> FitnessEstimator:

@@ -5,17 +5,20 @@ sources and a handful of random merges, then refitted on the search's own respon
 - A candidate starts on the ``start_items`` most informative items at the prior ability; after each
   round its ability is re-estimated and the next ``batch`` items are those that reduce the variance
   of its predicted benchmark score most (``evomerge.irt.adaptive``). It stops when the standard
-  error is below ``tolerance`` on every benchmark, or at ``max_items``. Its answers are kept: more
-  precision later adds items, never re-scores.
+  error of what the searcher is told is below ``tolerance`` (one objective: the weighted fitness, and
+  the next batch goes to the benchmarks that carry most of its variance; several objectives: each
+  benchmark's score), or at ``max_items``. Its answers are kept: more precision later adds items,
+  never re-scores.
 - Calibration: the sources and ``calibration_models`` (default 8) random genomes of the first phase
   on every item; the dimension D is chosen by cross-validated likelihood, as for the IRT estimators.
   Every ``refit_every`` generations the model is refitted on that population plus every search
   candidate's answers (unseen items are missing data), deterministically, and saved with the run's
   calibrations (``CalibrationLog``), so a resumed run uses exactly the refit it had.
-- Racing (``racing: true``, a searcher with a selection cut: CMA-ES's mu best): a generation is
-  tested round by round together, and a candidate stops as soon as its fitness interval is clear of
-  the cut (``evomerge.estimators.racing``), so the searcher selects the same parents as with full
-  scores with probability >= 1 - ``delta``; the others go on to the tolerance as before.
+- Racing (``racing: true``, a searcher with a selection cut: CMA-ES's mu best, NSGA-II's population
+  size over the population and its offspring): a generation is tested round by round together, and a
+  candidate stops as soon as its fitness interval (several objectives: its box) is clear of the cut
+  (``evomerge.estimators.racing``), so the searcher keeps the same candidates as with full scores
+  with probability >= 1 - ``delta``; the others go on to the tolerance as before.
 - The final choice confirms the best estimates on every item (``ReducedFitness``), and the report
   states the estimator's error on candidates it never calibrated on.
 """
@@ -27,9 +30,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from evomerge.estimators.base import EstimatorInputs, PhaseView, Selection
+from evomerge.estimators.base import Cut, EstimatorInputs, PhaseView, Selection
 from evomerge.estimators.calibrations import INITIAL, CalibrationLog, save_calibrations, score_population, tag_of
-from evomerge.estimators.racing import combined_se, settled, z_value
+from evomerge.estimators.racing import combined_se, settled, settled_pareto, z_value
 from evomerge.estimators.reduced import ReducedFitness
 from evomerge.evaluate.base import ItemResponses
 from evomerge.irt.adaptive import Prediction, next_items, predict
@@ -99,21 +102,40 @@ class AdaptiveFitness(ReducedFitness):
     def select(self, answered: Sequence[ItemResponses] = ()) -> Selection | None:
         spec = self.inputs.spec
         state = self._answered(answered)
-        out: Selection = {}
-        for b, cal in self.cals.items():
-            seen, y = state.get(b, (np.zeros(0, dtype=np.int64), np.zeros(0)))
-            limit = resolve_budget(spec.max_items, cal.num_items)
-            pred = self.prediction(b, seen, y)
-            if not answered:
-                k = min(spec.start_items, limit)
-            elif pred.se <= spec.tolerance or len(seen) >= min(limit, cal.num_items):
-                continue
-            else:
-                k = min(spec.batch, limit - len(seen))
-            out[b] = [cal.item_ids[int(i)] for i in next_items(cal.items, pred, seen, k)]
-        if answered and not out:
-            return None
-        return out
+        empty = (np.zeros(0, dtype=np.int64), np.zeros(0))
+        seen = {b: state.get(b, empty) for b in self.cals}
+        preds = {b: self.prediction(b, *seen[b]) for b in self.cals}
+        limit = {b: min(resolve_budget(spec.max_items, cal.num_items), cal.num_items) for b, cal in self.cals.items()}
+        if not answered:
+            take = {b: min(spec.start_items, limit[b]) for b in self.cals}
+        else:
+            take = {b: min(spec.batch, limit[b] - len(seen[b][0])) for b in self.needing_items(preds, seen, limit)}
+        out: Selection = {b: [self.cals[b].item_ids[int(i)] for i in next_items(self.cals[b].items, preds[b],
+                                                                                 seen[b][0], k)]
+                          for b, k in take.items() if k > 0}
+        return out if out or not answered else None
+
+    def needing_items(self, preds: Mapping[str, Prediction], seen: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                      limit: Mapping[str, int]) -> list[str]:
+        """The benchmarks a candidate scores another batch of.
+
+        One objective (the searcher is told the weighted fitness): until the fitness' standard error is
+        below ``tolerance``, the benchmarks whose share of its variance is at least an even share (at
+        least the largest), since a benchmark known better than needed adds nothing to what the
+        searcher sees. Several objectives (each told apart): every benchmark whose own standard error
+        is above ``tolerance``. Never past ``max_items``."""
+        tol = self.inputs.spec.tolerance
+        open_ = [b for b in self.cals if len(seen[b][0]) < limit[b]]
+        obj = self.inputs.objectives
+        if obj.n_obj != 1 or any(n not in self.cals for n in obj.names):
+            return [b for b in open_ if preds[b].se > tol]
+        w = np.array(obj.weights, dtype=np.float64) / float(np.sum(obj.weights))
+        share = {n: float((wn * preds[n].se) ** 2) for n, wn in zip(obj.names, w)}
+        total = sum(share.values())
+        if np.sqrt(total) <= tol or not open_:
+            return []
+        ranked = sorted(open_, key=lambda b: -share[b])
+        return [b for b in ranked if share[b] >= total / len(share)] or ranked[:1]
 
     def estimate(self, responses: Sequence[ItemResponses], raw: Mapping[str, float]) -> dict[str, float]:
         out = dict(raw)
@@ -122,21 +144,16 @@ class AdaptiveFitness(ReducedFitness):
         return out
 
     # -- racing against the selection cut -------------------------------------------------------------
-    def interval(self, responses: Sequence[ItemResponses]) -> tuple[float, float]:
-        """The candidate's fitness estimate and its standard error (NaN, inf when an objective is not
-        an item benchmark this estimator predicts: such a candidate is never settled by the race)."""
+    def intervals(self, responses: Sequence[ItemResponses]) -> tuple[np.ndarray, np.ndarray] | None:
+        """The candidate's predicted score and its standard error per objective (None when an objective
+        is not an item benchmark this estimator predicts: such a generation is not raced)."""
         state = self._answered(responses)
-        obj = self.inputs.objectives
-        est: dict[str, float] = {}
-        ses: list[float] = []
-        for name in obj.names:
-            if name not in self.cals:
-                return math.nan, math.inf
-            seen, y = state.get(name, (np.zeros(0, dtype=np.int64), np.zeros(0)))
-            pred = self.prediction(name, seen, y)
-            est[name] = pred.score
-            ses.append(pred.se)
-        return obj.fitness(est), combined_se(np.array(obj.weights), np.array(ses))
+        names = self.inputs.objectives.names
+        if any(name not in self.cals for name in names):
+            return None
+        empty = (np.zeros(0, dtype=np.int64), np.zeros(0))
+        preds = [self.prediction(name, *state.get(name, empty)) for name in names]
+        return np.array([p.score for p in preds]), np.array([p.se for p in preds])
 
     def rounds(self) -> int:
         """The most rounds a candidate can take: the start and then ``batch`` items up to ``max_items``."""
@@ -145,17 +162,33 @@ class AdaptiveFitness(ReducedFitness):
                    for cal in self.cals.values())
 
     def race(self, answered: Sequence[Sequence[ItemResponses] | None], active: Sequence[bool],
-             keep: int | None) -> list[Selection | None]:
-        plain = super().race(answered, active, keep)
-        if keep is None or not any(p is not None for p in plain):
-            return plain
-        means, ses = np.full(len(answered), -math.inf), np.zeros(len(answered))
-        for i, a in enumerate(answered):
+             cut: Cut | None) -> list[Selection | None]:
+        """Each active candidate's next items to the tolerance, except those whose side of the ``cut``
+        is already settled (one objective: its fitness interval against the keep-th best; several:
+        its box against the Pareto fronts). The incumbents race with their kept answers."""
+        plain = super().race(answered, active, cut)
+        everyone = [*answered, *(cut.incumbents if cut is not None else ())]
+        if cut is None or cut.keep >= len(everyone) or not any(p is not None for p in plain):
+            return plain  # no cut (NSGA-II's first population survives whole): the tolerance decides
+        obj = self.inputs.objectives
+        n, m = len(everyone), len(obj.names)
+        means, ses = np.full((n, m), -math.inf), np.zeros((n, m))
+        for i, a in enumerate(everyone):
             if a is not None:
-                means[i], ses[i] = self.interval(a)
-        z = z_value(self.inputs.spec.delta, len(answered), self.rounds())
-        done = settled(means, ses, keep, z)
-        return [None if d else p for p, d in zip(plain, done)]
+                got = self.intervals(a)
+                if got is None:
+                    return plain
+                means[i], ses[i] = got
+        if obj.n_obj == 1:  # the searcher is told the weighted fitness: one interval per candidate
+            weights = np.array(obj.weights)
+            fitness = np.array([obj.fitness(dict(zip(obj.names, row))) for row in means])
+            fitness[~np.isfinite(fitness)] = -math.inf
+            done = settled(fitness, np.array([combined_se(weights, row) for row in ses]), cut.keep,
+                           z_value(self.inputs.spec.delta, n, self.rounds()))
+        else:  # a box per candidate, one interval per objective, all holding together
+            z = z_value(self.inputs.spec.delta, n * m, self.rounds())
+            done = settled_pareto(means - z * ses, means + z * ses, cut.keep)
+        return [None if d else p for p, d in zip(plain, done[:len(answered)])]
 
     def ranking(self, phase: PhaseView, evs: Sequence[Evaluation]) -> list[float]:
         """Every candidate re-estimated from its kept answers by the phase's newest refit: an early

@@ -66,6 +66,17 @@ class PhaseView:
         return [e for e in self.store.evaluations("ok") if e.fitness is not None]
 
 
+@dataclass(frozen=True)
+class Cut:
+    """The searcher's selection cut that a racing estimator races against: ``keep`` places for the
+    generation together with ``incumbents``, the answers of candidates already told that compete for
+    them (NSGA-II's current population; none for CMA-ES, whose mu parents come from the generation
+    alone; None for an incumbent that failed)."""
+
+    keep: int
+    incumbents: Sequence[Sequence[ItemResponses] | None] = ()
+
+
 class FitnessEstimator(ABC):
     """See the module docstring. Subclasses: ``full``, ``random``, and the IRT family."""
 
@@ -85,12 +96,12 @@ class FitnessEstimator(ABC):
         first round); None once it has enough. Every estimator here needs one round."""
 
     def race(self, answered: Sequence[Sequence[ItemResponses] | None], active: Sequence[bool],
-             keep: int | None) -> list[Selection | None]:
+             cut: Cut | None) -> list[Selection | None]:
         """The next round of a whole generation (when ``races``): what each candidate that is still
         ``active`` scores next (None: it has enough), given what every candidate of the generation has
-        ``answered`` so far (None: it failed) and the searcher's selection cut (``keep`` best, None
-        when it has none). Called only between rounds, with every candidate's answers in, so the
-        decisions depend on the answers alone: the same with one worker or many, and after a resume."""
+        ``answered`` so far (None: it failed) and the searcher's selection ``cut`` (None when it has
+        none). Called only between rounds, with every candidate's answers in, so the decisions depend
+        on the answers alone: the same with one worker or many, and after a resume."""
         return [self.select(a) if on and a is not None else None for a, on in zip(answered, active)]
 
     def estimate(self, responses: Sequence[ItemResponses], raw: Mapping[str, float]) -> dict[str, float]:

@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from evomerge.estimators.base import EstimatorInputs, Selection
+from evomerge.estimators.base import Cut, EstimatorInputs, Selection
 from evomerge.estimators.reduced import ReducedFitness
 from evomerge.evaluate.base import ItemResponses
 from evomerge.irt.anchors import resolve_budget
@@ -50,7 +50,7 @@ class SuccessiveHalving(ReducedFitness):
         return out
 
     def race(self, answered: Sequence[Sequence[ItemResponses] | None], active: Sequence[bool],
-             keep: int | None) -> list[Selection | None]:
+             cut: Cut | None) -> list[Selection | None]:
         """The better half of the candidates still in go on to twice their items (ties: batch order)."""
         out: list[Selection | None] = [None] * len(answered)
         alive = [i for i, on in enumerate(active) if on and answered[i] is not None]

@@ -9,6 +9,12 @@ others, and surely *out* once keep others have lower bounds above its upper boun
 racing). If every interval covers its candidate's full score, every such decision is the one full
 scores give; the intervals are widened (Bonferroni) so that this holds jointly, over the n
 candidates and every round, with probability at least 1 - delta.
+
+Several objectives (NSGA-II: ``keep`` of the population and its offspring survive, whole fronts first)
+use a box per candidate, one interval per objective, and bounds on each candidate's front: a
+candidate is surely out once ``keep`` others are surely in earlier fronts, and surely in once its
+front and the earlier ones cannot hold more than ``keep`` (it survives whole). Within the front that
+overflows, crowding decides, which the race leaves to the tolerance.
 """
 
 from __future__ import annotations
@@ -45,6 +51,38 @@ def settled(means: np.ndarray, ses: np.ndarray, keep: int, z: float) -> np.ndarr
         surely_above = int(np.sum(lo[others] > hi[i]))  # others certainly better than i
         out[i] = surely_below >= n - keep or surely_above >= keep
     return out
+
+
+def settled_pareto(lo: np.ndarray, hi: np.ndarray, keep: int) -> np.ndarray:
+    """Per candidate, whether its side of a Pareto survival cut (``keep`` places, whole fronts first) is
+    already certain, from boxes ``lo``/``hi`` of shape (n, objectives), maximized; a failed candidate
+    is a row of ``-inf`` (dominated by everyone).
+
+    Wherever the scores lie in their boxes, a candidate's front is at least ``low`` (one more than the
+    longest chain of candidates that surely dominate it) and at most ``high`` (one more than the
+    number that may dominate it). It is surely out once ``keep`` others are surely in earlier fronts
+    (their ``high`` below its ``low``), and surely in once at most ``keep`` candidates can be in its
+    front or earlier ones (their ``low`` at most its ``high``): its front then survives whole."""
+    lo = np.asarray(lo, dtype=np.float64)
+    hi = np.asarray(hi, dtype=np.float64)
+    n = len(lo)
+    if keep >= n or keep <= 0:
+        return np.ones(n, dtype=bool)
+    # surely[j, i]: j dominates i wherever the scores lie in their boxes; possibly[j, i]: it may
+    surely = np.all(lo[:, None, :] >= hi[None, :, :], axis=2) & np.any(lo[:, None, :] > hi[None, :, :], axis=2)
+    possibly = np.all(hi[:, None, :] >= lo[None, :, :], axis=2) & np.any(hi[:, None, :] > lo[None, :, :], axis=2)
+    np.fill_diagonal(surely, False)
+    np.fill_diagonal(possibly, False)
+    low = np.ones(n, dtype=np.int64)
+    for _ in range(n):  # longest chains of sure domination (a partial order: no cycles)
+        nxt = np.maximum(low, np.max(np.where(surely, low[:, None] + 1, 1), axis=0))
+        if np.array_equal(nxt, low):
+            break
+        low = nxt
+    high = 1 + possibly.sum(axis=0)
+    out = (high[:, None] < low[None, :]).sum(axis=0) >= keep
+    surely_in = (low[:, None] <= high[None, :]).sum(axis=0) <= keep
+    return np.asarray(out | surely_in, dtype=bool)
 
 
 def combined_se(weights: np.ndarray, ses: np.ndarray) -> float:

@@ -50,6 +50,7 @@ class ReducedFitness(FitnessEstimator):
         ranked = self.ranking(phase, ok)
         top = [e for _, e in sorted(zip(ranked, ok), key=lambda x: (-x[0], x[1].rowid or 0))][:k]
         scores = full_scores(phase, top, self.inputs)
+        phase.store.set_meta("final_confirmed", [e.genome_hash for e in top])
         fitness = self.inputs.objectives.fitness
         return [max(top, key=lambda e: (fitness({**named(e), **scores[e.genome_hash]}), -(e.rowid or 0)))]
 

@@ -230,9 +230,17 @@ class Searcher(ABC):
 
     @property
     def selection_size(self) -> int | None:
-        """How many of a generation the searcher selects as parents (the cut a racing estimator races
-        against), None when it has no such cut (steady-state searchers, Pareto survival)."""
+        """How many the searcher keeps from a generation together with its ``incumbents`` (the cut a
+        racing estimator races against: CMA-ES's mu parents, NSGA-II's population), None when it has
+        no such cut (steady-state searchers, algorithms whose survival is not a plain cut)."""
         return None
+
+    @property
+    def incumbents(self) -> list[np.ndarray]:
+        """Genomes already told that compete with the next generation for the ``selection_size`` places
+        (NSGA-II: its current population, as in (mu + lambda) survival); none for CMA-ES, whose
+        parents come from the generation alone."""
+        return []
 
     @property
     def n_told(self) -> int:

@@ -161,6 +161,19 @@ class PymooSearcher(Searcher):
         self._infill = None  # what pymoo's ask() returned, still to be told
         self._todo: list[int] = []  # indices of its individuals that were asked
 
+    @property
+    def selection_size(self) -> int | None:
+        """NSGA-II keeps ``pop_size`` of its population and the offspring by rank and crowding; other
+        algorithms' survival (reference directions, indicators) is left unraced."""
+        if type(self._algo).__name__ != "NSGA2":
+            return None
+        return int(self._algo.pop_size)
+
+    @property
+    def incumbents(self) -> list[np.ndarray]:
+        pop = self._algo.pop if self.selection_size is not None else None
+        return [] if pop is None or len(pop) == 0 else [np.asarray(x, dtype=np.float64) for x in pop.get("X")]
+
     def _ask(self, n: int | None) -> list[np.ndarray]:
         for _ in range(100):
             with self._rng.active():

@@ -29,7 +29,7 @@ from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from evomerge.evaluate.generation import accuracy
-from evomerge.zoo.skills import SKILLS, make_items, random_string, read_jsonl, write_jsonl
+from evomerge.zoo.skills import SKILLS, make_items, more_items, random_string, read_jsonl, write_jsonl
 from evomerge.zoo.tokenizer import char_tokenizer
 from evomerge.zoo.train import train
 
@@ -113,6 +113,23 @@ class Zoo(ZooFiles):
     @property
     def base(self) -> Path:
         return self.root / "base"
+
+
+#: extra item splits made on first use, disjoint from the zoo's own: name -> items per skill
+LARGE_SPLITS = {"fitness_large": 5000}
+
+
+def ensure_large_split(zoo: Zoo, skill: str, split: str) -> Path:
+    """The item file of a large split (``LARGE_SPLITS``) of ``skill``, drawn from the zoo's seed on first
+    use with no prompt of the zoo's train, fitness or test split, written atomically."""
+    path = zoo.items_path(skill, split)
+    if not path.exists():
+        own = {r["prompt"] for s, _ in zoo.spec.splits for r in zoo.items(skill, s)}
+        rows = more_items(SKILLS[skill], split, LARGE_SPLITS[split], zoo.spec.item_lengths, zoo.spec.seed, own)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        write_jsonl(tmp, rows)
+        os.replace(tmp, path)
+    return path
 
 
 def default_root() -> Path:

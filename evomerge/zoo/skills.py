@@ -102,6 +102,33 @@ def make_items(
     return out
 
 
+def more_items(skill: Skill, split: str, count: int, lengths: tuple[int, int], seed: int,
+               exclude: set[str]) -> list[dict]:
+    """``count`` further items of ``skill`` whose prompts are not in ``exclude`` (the zoo's own splits),
+    spread evenly over the lengths; where a short length runs out of strings, the longer ones take
+    its share. For a benchmark far larger than the zoo's splits (the large-benchmark variant of the
+    estimator benchmark), which the zoo can make at no cost."""
+    rng = random.Random(f"{seed}-{skill.name}-{split}")
+    lo, hi = lengths
+    seen = set(exclude)
+    items: list[dict] = []
+    left = count
+    for i, n in enumerate(range(lo, hi + 1)):
+        want = -(-left // (hi - n + 1))  # an even share of what is still to draw
+        made = tries = 0
+        while made < want and tries < 50 * want:
+            tries += 1
+            prompt, answer = skill.item(random_string(rng, skill.alphabet, n, n))
+            if prompt in seen:
+                continue
+            seen.add(prompt)
+            items.append({"id": f"{skill.name}-{split}-{len(items):05d}", "skill": skill.name,
+                          "prompt": prompt, "answer": answer, "length": n})
+            made += 1
+        left -= made
+    return items
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
