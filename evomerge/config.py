@@ -367,9 +367,10 @@ class Experiment(Strict):
         elif self.search_space is not None:
             raise ValueError("give either search_space + budget or phases, not both")
         est, searcher = self.fitness.estimator, self.searcher.name
-        if est.racing and searcher != "cmaes":
-            raise ValueError(f"fitness.estimator.racing races against a top-mu selection cut, which searcher "
-                             f"'{searcher}' does not have; use searcher cmaes, or racing: false")
+        if est.racing and searcher not in ("cmaes", "nsga2", "pymoo:NSGA2"):
+            raise ValueError(f"fitness.estimator.racing races against a selection cut (CMA-ES's mu best, NSGA-II's "
+                             f"population), which searcher '{searcher}' does not have; use searcher cmaes or "
+                             f"nsga2, or racing: false")
         if est.kind == "successive_halving" and (searcher == "random" or searcher.startswith("nevergrad:")):
             raise ValueError(f"successive_halving ranks a whole generation at once; searcher '{searcher}' is "
                              f"steady-state: use cmaes, nsga2 or pymoo:<Algorithm>")

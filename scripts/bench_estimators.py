@@ -28,14 +28,14 @@ from evomerge.run import start
 SETTINGS = {
     "full": {"kind": "full"},
     "gpirt": {"kind": "gpirt", "budget": 0.1},
-    "adaptive": {"kind": "adaptive", "tolerance": 0.02, "max_items": 0.25, "calibration_models": 4,
-                 "final_top_k": 3, "report_checks": 3},
-    "racing": {"kind": "adaptive", "tolerance": 0.02, "max_items": 0.25, "calibration_models": 4, "racing": True,
-               "final_top_k": 3, "report_checks": 3},
-    # 16 items per benchmark to start, halving up to 25%: ~130 items per candidate on a 12-candidate
-    # generation, the racing run's count
+    "adaptive": {"kind": "adaptive", "tolerance": 0.02, "max_items": 0.25, "calibration_models": 2, "refit_every": 3,
+                 "final_top_k": 2, "report_checks": 2},
+    "racing": {"kind": "adaptive", "tolerance": 0.02, "max_items": 0.25, "calibration_models": 2, "refit_every": 3,
+               "racing": True, "final_top_k": 2, "report_checks": 2},
+    # start_items 16 per benchmark, halving up to 25%; successive_halving@8 starts on 8 (on the demo's
+    # 12-candidate generations, ~80 items a candidate: the racing run's count)
     "successive_halving": {"kind": "successive_halving", "start_items": 16, "max_items": 0.25,
-                           "final_top_k": 3, "report_checks": 3},
+                           "final_top_k": 2, "report_checks": 2},
 }
 EQUAL_ITEMS = ("racing", "adaptive")  # random subsampling runs at the first of these that ran
 
@@ -60,7 +60,7 @@ def estimator_for(kind: str, done: dict[str, dict]) -> dict:
         ref = next((done[k] for k in EQUAL_ITEMS if k in done), None)
         budget = float(value) if value else (
             ref["search_items"] / ref["candidates"] / ref["full_evaluation"] if ref else 0.1)
-        return {"kind": "random", "budget": round(budget, 4), "final_top_k": 3, "report_checks": 3}
+        return {"kind": "random", "budget": round(budget, 4), "final_top_k": 2, "report_checks": 2}
     estimator = dict(SETTINGS.get(base, {"kind": base}))
     if "=" in value:  # racing@tolerance=0.03,batch=32: any settings
         estimator.update({k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in value.split(","))})
@@ -110,12 +110,15 @@ def main() -> None:
     ap.add_argument("--markdown", type=Path)
     ap.add_argument("--split", default="fitness", help="the zoo's fitness split the objectives use: fitness "
                     "(600 items per skill) or fitness_large (5,000, the large-benchmark variant)")
+    ap.add_argument("--no-run", action="store_true", help="only tabulate the runs already in --out")
     args = ap.parse_args()
     rows = []
     order = sorted(args.kinds, key=lambda k: (k == "random", k))  # random last: it takes another's items
     for seed in args.seeds:
         done: dict[str, dict] = {}
         for kind in order:
+            if args.no_run and not (args.out / f"{kind}-s{seed}" / "summary.json").exists():
+                continue
             estimator = estimator_for(kind, done)
             done[kind] = run_one(args.experiment, args.out, kind, seed, estimator, args.split)
             rows.append(done[kind])
@@ -139,6 +142,8 @@ def table(rows: list[dict], order: list[str]) -> str:
     full_items = np.mean([r["items"] for r in full.values()]) if full else np.nan
     for kind in order:
         rs = [r for r in rows if r["kind"] == kind]
+        if not rs:
+            continue
         gaps = [full[r["seed"]][key] - r[key] for r in rs if r["seed"] in full]
         ratio = full_items / np.mean([r["items"] for r in rs])
         gap_text = f"{np.mean(gaps):+.4f} / {max(gaps):+.4f}" if gaps else "-"

@@ -11,14 +11,44 @@ import numpy as np
 import yaml
 from test_search import experiment, final_state, kill_and_resume, run_cli
 
+from evomerge.config import EstimatorSpec
+from evomerge.estimators.adaptive import AdaptiveFitness
+from evomerge.estimators.base import EstimatorInputs
+from evomerge.estimators.calibrations import INITIAL, CalibrationLog, save_calibrations
+from evomerge.evaluate.base import ItemResponses
 from evomerge.irt.adaptive import next_items, predict
+from evomerge.irt.calibrate import Population
+from evomerge.irt.calibration import Calibration
 from evomerge.irt.fit import ItemParams, Prior
+from evomerge.objectives import Objectives
 from evomerge.runstore import RunStore
 
 
 def synthetic(n_items: int = 400, dim: int = 2, seed: int = 0) -> ItemParams:
     rng = np.random.default_rng(seed)
     return ItemParams(np.abs(rng.normal(0.9, 0.4, (n_items, dim))), rng.normal(0.0, 1.5, n_items))
+
+
+def adaptive_on_synthetic(tmp_path: Path, items: dict[str, ItemParams], spec: EstimatorSpec,
+                          objectives: Objectives) -> AdaptiveFitness:
+    """An adaptive estimator whose item model is the known truth: a calibration per benchmark saved in
+    the run folder, which the estimator loads as a resumed run would."""
+    def unused(*_args):
+        raise AssertionError("the calibration is given")
+
+    cals, pops = {}, {}
+    for b, it in items.items():
+        ids = [f"{b}{i}" for i in range(len(it))]
+        pops[b] = Population(["m"], ids, np.zeros((1, len(ids))))
+        cals[b] = Calibration(benchmark=b, item_ids=ids, items=it, prior=Prior.standard(it.dim), model_names=["m"],
+                              thetas=np.zeros((1, it.dim)), responses=pops[b].responses, parents=[], anchors={},
+                              gp_lambda={})
+    save_calibrations(CalibrationLog(tmp_path).folder(INITIAL), cals, pops)
+    inputs = EstimatorInputs(spec=spec, seed=0, item_ids={b: c.item_ids for b, c in cals.items()},
+                             objectives=objectives, score_all=unused, run_dir=tmp_path, exp_dir=tmp_path,
+                             calibration_recipes=unused, say=lambda _line: None)
+    return AdaptiveFitness(inputs)
+
 
 
 def cat(items: ItemParams, prior: Prior, answers: np.ndarray, tol: float, start: int = 16, batch: int = 16,
@@ -124,7 +154,6 @@ def test_refit_is_deterministic_with_unseen_items_missing():
     gives bit-identical item parameters and dimension each time: what makes a resumed run's refit the
     one it had."""
     from evomerge.estimators.adaptive import fit_calibration
-    from evomerge.irt.calibrate import Population
 
     items = synthetic(n_items=60, dim=2, seed=9)
     rng = np.random.default_rng(10)
@@ -136,3 +165,38 @@ def test_refit_is_deterministic_with_unseen_items_missing():
     np.testing.assert_array_equal(one.items.a, two.items.a)
     np.testing.assert_array_equal(one.items.b, two.items.b)
     assert one.validation == two.validation and one.dim in (1, 2, 3, 4)
+
+
+def test_one_objective_stops_on_the_fitness_standard_error_for_fewer_items(tmp_path):
+    """Three benchmarks averaged into one fitness: testing stops once the fitness' standard error is
+    below the tolerance, its 95% interval covers the true fitness near the nominal rate, and it needs
+    fewer items than holding every benchmark to the tolerance (what a Pareto search is told)."""
+    items = {b: synthetic(n_items=200, dim=1, seed=s) for b, s in (("a", 11), ("b", 12), ("c", 13))}
+    names = tuple(items)
+    spec = EstimatorSpec(kind="adaptive", tolerance=0.02, max_items=1.0, start_items=16, batch=16)
+    one = adaptive_on_synthetic(tmp_path / "one", items, spec, Objectives(names, (1.0, 1.0, 1.0)))
+    each = adaptive_on_synthetic(tmp_path / "each", items, spec, Objectives(names, (1.0, 1.0, 1.0), n_obj=3))
+    rng = np.random.default_rng(14)
+    hits, used_one, used_each, n = 0, 0, 0, 150
+    for _ in range(n):
+        theta = rng.standard_normal(3)
+        answers = {b: (rng.random(200) < items[b].prob(theta[[k]])).astype(float) for k, b in enumerate(names)}
+
+        def test(est: AdaptiveFitness) -> list[ItemResponses]:
+            got: list[ItemResponses] = []
+            sel = est.select()
+            while sel:
+                got += [ItemResponses(b, list(x or []), answers[b][[est.positions[b][i] for i in x or []]])
+                        for b, x in sel.items()]
+                sel = est.select(got)
+            return got
+
+        got = test(one)
+        mean, ses = one.intervals(got)  # type: ignore[misc]
+        se = float(np.sqrt(np.sum(ses**2)) / 3)
+        assert se <= 0.02 + 1e-12
+        hits += abs(float(mean.mean()) - np.mean([answers[b].mean() for b in names])) <= 1.96 * se
+        used_one += sum(len(r.item_ids) for r in got)
+        used_each += sum(len(r.item_ids) for r in test(each))
+    assert 0.90 <= hits / n <= 0.995, hits / n
+    assert used_one < 0.6 * used_each, (used_one, used_each)

@@ -10,20 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from test_adaptive import assert_answers_kept_and_resumes_exactly, synthetic
+from test_adaptive import adaptive_on_synthetic, assert_answers_kept_and_resumes_exactly, synthetic
 from test_search import experiment, run_cli
 
 from evomerge.config import EstimatorSpec
-from evomerge.estimators.adaptive import AdaptiveFitness
 from evomerge.estimators.base import Cut, EstimatorInputs, Selection
-from evomerge.estimators.calibrations import INITIAL, CalibrationLog, save_calibrations
 from evomerge.estimators.halving import SuccessiveHalving
 from evomerge.estimators.racing import settled, z_value
 from evomerge.evaluate.base import ItemResponses
 from evomerge.irt.adaptive import next_items, predict
-from evomerge.irt.calibrate import Population
-from evomerge.irt.calibration import Calibration
-from evomerge.irt.fit import ItemParams, Prior
+from evomerge.irt.fit import Prior
 from evomerge.objectives import Objectives
 from evomerge.runstore import RunStore
 
@@ -157,28 +153,6 @@ def test_racing_search_keeps_its_race_and_resumes_exactly(zoo, tmp_path):
     assert_answers_kept_and_resumes_exactly(ref, tmp_path, seed=4)
 
 
-def adaptive_on_synthetic(tmp_path: Path, items: dict[str, ItemParams], spec: EstimatorSpec,
-                          objectives: Objectives) -> AdaptiveFitness:
-    """An adaptive estimator whose item model is the known truth: a calibration per benchmark saved in
-    the run folder, which the estimator loads as a resumed run would."""
-    def unused(*_args):
-        raise AssertionError("the calibration is given")
-
-    cals, pops = {}, {}
-    for b, it in items.items():
-        ids = [f"{b}{i}" for i in range(len(it))]
-        pops[b] = Population(["m"], ids, np.zeros((1, len(ids))))
-        cals[b] = Calibration(benchmark=b, item_ids=ids, items=it, prior=Prior.standard(it.dim), model_names=["m"],
-                              thetas=np.zeros((1, it.dim)), responses=pops[b].responses, parents=[], anchors={},
-                              gp_lambda={})
-    save_calibrations(CalibrationLog(tmp_path).folder(INITIAL), cals, pops)
-    inputs = EstimatorInputs(spec=spec, seed=0, item_ids={b: c.item_ids for b, c in cals.items()},
-                             objectives=objectives, score_all=unused, run_dir=tmp_path, exp_dir=tmp_path,
-                             calibration_recipes=unused, say=lambda _line: None)
-    return AdaptiveFitness(inputs)
-
-
-
 def test_pareto_racing_keeps_the_survivors_full_scores_keep_beyond_delta_only_by_chance(tmp_path):
     """NSGA-II-like generations: 8 incumbents known on every item and 8 offspring race for 8 places
     through the adaptive estimator (no tolerance: a candidate stops when the race settles it, or with
@@ -251,3 +225,24 @@ def test_nsga2_offers_its_population_as_the_cut():
     assert len(s.incumbents) == 6 and all(tuple(g) in told for g in s.incumbents)
     cma = make_searcher("cmaes", np.zeros(3), np.ones(3), seed=0, popsize=8)
     assert cma.selection_size == 4 and cma.incumbents == []
+
+
+def test_pareto_racing_search_races_offspring_against_the_population_and_resumes_exactly(zoo, tmp_path):
+    """NSGA-II with racing through the driver: the first population is tested to the tolerance
+    (nothing is cut), later generations race their offspring against the population they compete
+    with; killed twice and resumed, the run ends in the uninterrupted run's exact state."""
+    exp = experiment(zoo, tmp_path, budget={"evaluations": 16},
+                     searcher={"name": "nsga2", "options": {"pop_size": 4}})
+    exp["fitness"]["estimator"] = {"kind": "adaptive", "calibration_models": 2, "start_items": 4, "batch": 4,
+                                   "tolerance": 0.03, "max_items": 0.5, "racing": True, "delta": 0.2,
+                                   "refit_every": 2, "report_checks": 2}
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp))
+    ref = tmp_path / "ref"
+    code, out = run_cli(["search", str(tmp_path / "exp.yaml"), "-o", str(ref)], tmp_path)
+    assert code == 0, out
+    with RunStore(ref / "phase0-ps" / "run.sqlite", readonly=True) as store:
+        race = store.get_meta("race")
+        assert race is not None and race["generation"] == 3  # generations 1-3 raced; the last one is kept
+        assert len(store.evaluations()) == 16
+    assert "best" in json.loads((ref / "summary.json").read_text())["chosen"]  # the front's pick, exported
+    assert_answers_kept_and_resumes_exactly(ref, tmp_path, seed=5)

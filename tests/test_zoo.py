@@ -67,3 +67,20 @@ def test_build_is_deterministic_and_cached(tmp_path):
     assert again.root == a.root and (a.root / "accuracy.json").stat().st_mtime_ns == stamp
     assert json.loads((a.root / "spec.json").read_text())["base_steps"] == MICRO.base_steps
     assert ZooSpec(seed=1).digest() != ZooSpec().digest()
+
+
+def test_large_fitness_split_is_made_on_first_use_apart_from_every_other_split(zoo):
+    """``zoo:<skill>/fitness_large`` (the large-benchmark variant of the estimator benchmark): 5,000
+    items with no prompt of the train, fitness or test split, the same file on every call."""
+    from evomerge.refs import resolve_items_ref
+
+    path = resolve_items_ref("zoo:sort/fitness_large")
+    rows = read_jsonl(path)
+    assert len(rows) == 5000 and len({r["prompt"] for r in rows}) == 5000
+    assert len({r["id"] for r in rows}) == 5000
+    others = {r["prompt"] for split, _ in zoo.spec.splits for r in zoo.items("sort", split)}
+    assert not others & {r["prompt"] for r in rows}
+    assert all(SKILLS["sort"].fn(r["prompt"].split(":", 1)[1][:-1]) == r["answer"] for r in rows[:50])
+    assert {r["length"] for r in rows} == set(range(zoo.spec.item_lengths[0], zoo.spec.item_lengths[1] + 1))
+    before = path.read_bytes()
+    assert resolve_items_ref("zoo:sort/fitness_large").read_bytes() == before

@@ -46,10 +46,11 @@ from evomerge.runstore import Evaluation
 REFIT_DIMS = (1, 2, 3, 4)
 
 
-def fit_calibration(pop: Population, parents: list[str], benchmark: str, seed: int) -> Calibration:
-    """A (M)2PL fit of ``pop`` (NaN = not seen) with D chosen by 3-fold held-out likelihood; no anchors
-    (adaptive testing chooses items per candidate)."""
-    dims = [d for d in REFIT_DIMS if d < max(2, len(pop.names))]
+def fit_calibration(pop: Population, parents: list[str], benchmark: str, seed: int,
+                    dims: Sequence[int] = REFIT_DIMS) -> Calibration:
+    """A (M)2PL fit of ``pop`` (NaN = not seen) with D chosen among ``dims`` by 3-fold held-out
+    likelihood; no anchors (adaptive testing chooses items per candidate)."""
+    dims = [d for d in dims if d < max(2, len(pop.names))] or [1]
     dim, scores = select_dim(pop.responses, dims, folds=min(3, len(pop.names)), seed=seed)
     fit = fit_m2pl(pop.responses, dim, seed=seed)
     return Calibration(benchmark=benchmark, item_ids=list(pop.item_ids), items=fit.items,
@@ -234,7 +235,10 @@ class AdaptiveFitness(ReducedFitness):
                     rows.append(row)
                     names.append(f"search:{ev.genome_hash[:16]}")
             both = pop + Population(names, pop.item_ids, np.array(rows)) if rows else pop
-            cals[b] = fit_calibration(both, self.cals[b].parents, b, self.inputs.seed)
+            # D moves by at most one a refit: three cross-validated dimensions instead of four, the
+            # refit's largest cost (the workers wait for it)
+            near = [d for d in REFIT_DIMS if abs(d - self.cals[b].dim) <= 1]
+            cals[b] = fit_calibration(both, self.cals[b].parents, b, self.inputs.seed, near)
             pops[b] = both
         self.log.save(tag_of(phase.index, generation), cals, pops)
         self._use(cals)
