@@ -102,6 +102,10 @@ class ReducedFitness(FitnessEstimator):
                     mark = " (chosen)" if e.genome_hash == chosen.genome_hash else ""
                     rows.append(f"| {e.genome_hash[:10]}{mark} | g{e.generation} | {b} | {est[b]:.4f} | "
                                 f"{acc:.4f} | {err:+.4f} |")
+            fitness_of = self.inputs.objectives.fitness
+            f_est, f_full = fitness_of(est), fitness_of({**est, **full[e.genome_hash]})
+            if len(self.inputs.objectives.names) > 1 and np.isfinite(f_est) and np.isfinite(f_full):
+                errs.setdefault("fitness", []).append(abs(f_est - f_full))  # what one objective's search is told
         drift = phase.store.get_meta("drift", []) or []
         settings = {"adaptive": f"tolerance {spec.tolerance}, max_items {spec.max_items}"
                     + (f", racing with delta {spec.delta}" if spec.racing else ""),
@@ -113,8 +117,8 @@ class ReducedFitness(FitnessEstimator):
                 + (f"; the {spec.final_top_k} best estimates among them, and the model chosen is the best "
                    "of those by full score:" if cached else ":"), "",
                 "| candidate | generation | benchmark | estimated | full | error |", "|---|---|---|---|---|---|",
-                *rows, "", "MAE per benchmark: " + ", ".join(f"{b} {np.mean(v):.4f} (max {np.max(v):.4f})"
-                                                            for b, v in errs.items())]
+                *rows, "", "MAE per benchmark (and of the weighted fitness): "
+                + ", ".join(f"{b} {np.mean(v):.4f} (max {np.max(v):.4f})" for b, v in errs.items())]
         if drift:
             text += ["", f"Drift checks during the search (every {spec.drift_every} generations): " + "; ".join(
                 f"g{d['generation']}: " + ", ".join(f"{b} {x:.3f}" for b, x in d["error"].items()) for d in drift)]
