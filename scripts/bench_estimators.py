@@ -7,7 +7,8 @@ held-out test mean of the exported model, for the same experiment and seeds.
     python scripts/bench_estimators.py --split fitness_large --out runs/bench-large   # 5,000 items a skill
 
 ``random`` is run at the racing (else the adaptive) run's mean search items per candidate, so they
-compare at equal items; ``gpirt`` at 10% of the items. Items are every item scored (calibration,
+compare at equal search items, ``random_total`` at its items in all (its calibration spread over the
+candidates); ``gpirt`` at 10% of the items. Items are every item scored (calibration,
 search, refits, drift, final confirmation, report checks) except the hand recipes scored for the
 report, which are the same for every estimator (their count is printed apart). Each run is a real `evomerge search`
 (in-process) into runs/bench-estimators/<kind>-s<seed>; an existing finished run is read, not redone.
@@ -56,10 +57,12 @@ def estimator_for(kind: str, done: dict[str, dict]) -> dict:
     tolerance, ``successive_halving@8`` the start items (for the curve of gap against items), or
     ``NAME@KEY=VALUE,...`` any estimator settings."""
     base, _, value = kind.partition("@")
-    if base == "random":
+    if base in ("random", "random_total"):
         ref = next((done[k] for k in EQUAL_ITEMS if k in done), None)
-        budget = float(value) if value else (
-            ref["search_items"] / ref["candidates"] / ref["full_evaluation"] if ref else 0.1)
+        # random: the racing run's search items a candidate; random_total: its items in all, the
+        # calibration included (less the final confirmation, which random pays alike)
+        spent = (ref["search_items"] if base == "random" else ref["items"] - ref["parts"]["final"]) if ref else 0
+        budget = float(value) if value else (spent / ref["candidates"] / ref["full_evaluation"] if ref else 0.1)
         return {"kind": "random", "budget": round(budget, 4), "final_top_k": 2, "report_checks": 2}
     estimator = dict(SETTINGS.get(base, {"kind": base}))
     if "=" in value:  # racing@tolerance=0.03,batch=32: any settings
@@ -113,7 +116,7 @@ def main() -> None:
     ap.add_argument("--no-run", action="store_true", help="only tabulate the runs already in --out")
     args = ap.parse_args()
     rows = []
-    order = sorted(args.kinds, key=lambda k: (k == "random", k))  # random last: it takes another's items
+    order = sorted(args.kinds, key=lambda k: (k.startswith("random"), k))  # random last: it takes another's items
     for seed in args.seeds:
         done: dict[str, dict] = {}
         for kind in order:
