@@ -177,12 +177,27 @@ class EstimatorSpec(Strict):
     # the offspring), so that the same candidates are kept as with full scores w.p. >= 1 - delta
     racing: bool = False
     delta: float = Field(0.05, gt=0, lt=1)
+    # items per benchmark the estimator works with (a fraction, or a count: a benchmark with fewer items
+    # keeps them all), drawn once from the run's seed: calibration, search, final confirmation and the
+    # report's check all use this pool, so their cost stops growing with the benchmark (default: every item)
+    pool: Optional[float] = Field(None, gt=0)
 
     @property
     def models_to_calibrate(self) -> int:
         if self.calibration_models is not None:
             return self.calibration_models
         return 8 if self.kind == "adaptive" else 60
+
+    @model_validator(mode="after")
+    def _pool(self) -> "EstimatorSpec":
+        if self.pool is not None and self.kind == "full":
+            raise ValueError("pool subsamples the items an estimator works with, and kind 'full' scores every "
+                             "item by definition; use kind: random (budget) for one fixed subset, or an IRT "
+                             "kind or adaptive with pool")
+        if self.pool is not None and self.calibration is not None:
+            raise ValueError("pool draws the items a run calibrates on, and a reused calibration "
+                             f"({self.calibration}) already fixes them; drop one of the two")
+        return self
 
     @model_validator(mode="after")
     def _racing(self) -> "EstimatorSpec":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -22,7 +23,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from evomerge import outputs
 from evomerge.config import DFSSpace, Experiment, PSSpace, experiment_from_data, read_experiment_yaml
-from evomerge.estimators import EstimatorInputs, FitnessEstimator, PhaseView, make_fitness_estimator
+from evomerge.estimators import EstimatorInputs, FitnessEstimator, PhaseView, make_fitness_estimator, pooled
+from evomerge.evaluate.base import ItemResponses
 from evomerge.evaluate.custom import CustomFitness
 from evomerge.evaluate.registry import make_evaluator
 from evomerge.loop import open_searcher, search
@@ -119,14 +121,18 @@ class Job:
             self._info = self.pool.broadcast("info")[0]
         return self._info
 
-    def score_all(self, recipes: Mapping[str, Recipe]) -> dict[str, dict[str, np.ndarray]]:
-        """Every fitness item of every item benchmark for each recipe: {name: {benchmark: scores}}."""
+    def score_all(self, recipes: Mapping[str, Recipe],
+                  items: Mapping[str, list[str]] | None = None) -> dict[str, dict[str, np.ndarray]]:
+        """Every fitness item of every item benchmark for each recipe (or only ``items``, an estimator's
+        pool, in that order): {name: {benchmark: scores}}."""
         names = list(recipes)
+        selection = dict(items) if items is not None else None
         out: dict[str, dict[str, np.ndarray]] = {}
-        for i, result in run_tasks(self.pool, [Task(recipes[n], None, "fitness", 0) for n in names]):
+        for i, result in run_tasks(self.pool, [Task(recipes[n], selection, "fitness", 0) for n in names]):
             if not result.ok:
                 raise RuntimeError(f"evaluating '{names[i]}' on every fitness item failed: {result.error}")
-            out[names[i]] = {r.benchmark: r.scores for r in result.responses}
+            out[names[i]] = {r.benchmark: in_order(r, items[r.benchmark]) if items and r.benchmark in items
+                             else r.scores for r in result.responses}
         return out
 
     def item_ids(self, which: str) -> dict[str, Optional[list[str]]]:
@@ -134,9 +140,19 @@ class Job:
         ids: dict[str, Optional[list[str]]] = self.pool.broadcast("item_ids", which)[0]
         return ids
 
+    def estimator_item_ids(self) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+        """Every fitness item of each item benchmark, and those the estimator works with (its pool)."""
+        every = {n: v for n, v in self.item_ids("fitness").items() if v is not None}
+        return every, pooled(every, self.exp.fitness.estimator.pool, self.exp.seed)
+
     def estimator_inputs(self) -> EstimatorInputs:
-        item_ids = {n: v for n, v in self.item_ids("fitness").items() if v is not None}
-        return EstimatorInputs(self.exp.fitness.estimator, self.exp.seed, item_ids, self.objectives, self.score_all,
+        spec = self.exp.fitness.estimator
+        every, item_ids = self.estimator_item_ids()
+        if spec.pool is not None:
+            self.console.print("estimator pool (seeded): " + ", ".join(
+                f"{b} {len(v):,} of {len(every[b]):,} items" for b, v in item_ids.items()))
+        return EstimatorInputs(spec, self.exp.seed, item_ids, self.objectives,
+                               partial(self.score_all, items=item_ids if spec.pool is not None else None),
                                self.run_dir, self.exp_dir, self.calibration_recipes,
                                say=lambda text: self.console.print(text, soft_wrap=True))
 
@@ -311,7 +327,9 @@ class Job:
         full_items = sum(len(v) for v in self.item_ids("fitness").values() if v is not None)
         checked = sum(min(4, len(v)) for which in ("fitness", "test") for v in self.item_ids(which).values()
                       if v is not None)
-        items = outputs.items_scored(self.run_dir, phases, full_items, len(hand) + len(exp.models), checked)
+        pool_items = sum(len(v) for v in self.estimator_item_ids()[1].values())
+        items = outputs.items_scored(self.run_dir, phases, full_items, len(hand) + len(exp.models), checked,
+                                     pool_items)
         memory = [info.get("memory", {}) | {"worker": info.get("name", "")} for info in self.pool.broadcast("info")]
         outputs.write_outputs(self.run_dir, exp, phases, self.objectives, chosen, test, self.pool.utilization(),
                               self.console, hand, items, memory)
@@ -394,3 +412,13 @@ def calibrate(exp_path: str | Path, out: Path, n_models: Optional[int] = None,
     finally:
         job.pool.close()
     return out
+
+
+def in_order(responses: ItemResponses, item_ids: list[str]) -> np.ndarray:
+    """``responses``' scores in the order of ``item_ids`` (the items that were asked for)."""
+    where = dict(zip(responses.item_ids, responses.scores))
+    missing = [i for i in item_ids if i not in where]
+    if missing:
+        raise RuntimeError(f"{responses.benchmark}: the worker did not score {len(missing)} of the items asked "
+                           f"for (first: {missing[0]!r})")
+    return np.array([where[i] for i in item_ids], dtype=np.float64)

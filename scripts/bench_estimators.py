@@ -4,7 +4,8 @@ held-out test mean of the exported model, for the same experiment and seeds.
     python scripts/bench_estimators.py                                   # the demo, seed 0
     python scripts/bench_estimators.py --seeds 0 1 2 3 4 --kinds full adaptive gpirt random
     python scripts/bench_estimators.py --experiment experiments/nsga2_rev_sort.yaml --markdown out.md
-    python scripts/bench_estimators.py --split fitness_large --out runs/bench-large   # 5,000 items a skill
+    python scripts/bench_estimators.py --split fitness_large --out runs/bench-large \
+        --kinds racing@pool=1000 random_total successive_halving@pool=1000   # 5,000 items a skill
 
 ``random`` is run at the racing (else the adaptive) run's mean search items per candidate, so they
 compare at equal search items, ``random_total`` at its items in all (its calibration spread over the
@@ -38,7 +39,7 @@ SETTINGS = {
     "successive_halving": {"kind": "successive_halving", "start_items": 16, "max_items": 0.25,
                            "final_top_k": 2, "report_checks": 2},
 }
-EQUAL_ITEMS = ("racing", "adaptive")  # random subsampling runs at the first of these that ran
+EQUAL_ITEMS = ("racing", "adaptive")  # random subsampling runs at the items of the last of these that ran
 
 
 def hypervolume(points: list[list[float]]) -> float:
@@ -58,7 +59,8 @@ def estimator_for(kind: str, done: dict[str, dict]) -> dict:
     ``NAME@KEY=VALUE,...`` any estimator settings."""
     base, _, value = kind.partition("@")
     if base in ("random", "random_total"):
-        ref = next((done[k] for k in EQUAL_ITEMS if k in done), None)
+        # the last racing or adaptive run of this seed (racing@pool=1000 when it ran after racing)
+        ref = next((done[k] for k in reversed(done) if k.partition("@")[0] in EQUAL_ITEMS), None)
         # random: the racing run's search items a candidate; random_total: its items in all, the
         # calibration included (less the final confirmation, which random pays alike)
         spent = (ref["search_items"] if base == "random" else ref["items"] - ref["parts"]["final"]) if ref else 0
@@ -101,6 +103,10 @@ def run_one(exp_path: Path, out: Path, kind: str, seed: int, estimator: dict, sp
             "full_evaluation": summary["items_scored"]["full_evaluation"],
             "test_mean": float(np.mean([np.mean(list(t.values())) for t in models.values()])) if models else np.nan,
             "test_hv": hypervolume([list(t.values()) for t in models.values()]) if "best" not in models else None,
+            # the exported front's hypervolume on the fitness split, as the run scored it (estimates
+            # for a reduced estimator, exact for full)
+            "fitness_hv": (hypervolume([list(c["objectives"].values()) for c in summary["chosen"].values()])
+                           if "best" not in models else None),
             "wall_s": json.loads((run_dir / "wall_s.json").read_text()) if (run_dir / "wall_s.json").exists() else None}
 
 
@@ -114,9 +120,13 @@ def main() -> None:
     ap.add_argument("--split", default="fitness", help="the zoo's fitness split the objectives use: fitness "
                     "(600 items per skill) or fitness_large (5,000, the large-benchmark variant)")
     ap.add_argument("--no-run", action="store_true", help="only tabulate the runs already in --out")
+    ap.add_argument("--gap-against", type=Path, help="take the full runs the gaps are measured against from "
+                    "this --out of another benchmark (a proxy: the large variant's full run is too dear here)")
     args = ap.parse_args()
     rows = []
     order = sorted(args.kinds, key=lambda k: (k.startswith("random"), k))  # random last: it takes another's items
+    if args.no_run and "full" not in order:  # a finished full run is always the reference of the table
+        order.insert(0, "full")
     for seed in args.seeds:
         done: dict[str, dict] = {}
         for kind in order:
@@ -126,36 +136,46 @@ def main() -> None:
             done[kind] = run_one(args.experiment, args.out, kind, seed, estimator, args.split)
             rows.append(done[kind])
             print(json.dumps(done[kind]), flush=True)
-    print(table(rows, order))
+    reference = None
+    if args.gap_against:
+        reference = [run_one(args.experiment, args.gap_against, "full", seed, SETTINGS["full"])
+                     for seed in args.seeds if (args.gap_against / f"full-s{seed}" / "summary.json").exists()]
+    text = table(rows, order, reference)
+    print(text)
     if args.markdown:
-        args.markdown.write_text(table(rows, order) + "\n")
+        args.markdown.write_text(text + "\n")
 
 
-def table(rows: list[dict], order: list[str]) -> str:
+def table(rows: list[dict], order: list[str], reference: list[dict] | None = None) -> str:
     """Per estimator, means over seeds; gaps are full's value minus the estimator's at the same seed
     (positive: worse than full), on the held-out test mean (single objective) or on the hypervolume
-    of the exported models' held-out scores (Pareto)."""
+    of the exported models' held-out scores (Pareto). Without a full run, items compare with what full
+    would score by count (candidates x items of one full evaluation, marked "by count"); ``reference``
+    (another benchmark's full runs) gives proxy gaps, marked "proxy"."""
     pareto = any(r["test_hv"] is not None for r in rows)
     key = "test_hv" if pareto else "test_mean"
-    full = {r["seed"]: r for r in rows if r["kind"] == "full"}
+    full = {r["seed"]: r for r in (reference or []) + rows if r["kind"] == "full"}
     lines = ["| estimator | seeds | items scored (mean) | calibration / search / final / report | items vs full | "
-             "held-out test mean | " + ("held-out hypervolume | " if pareto else "")
+             "held-out test mean | " + ("held-out hypervolume | fitness-split hypervolume | " if pareto else "")
              + "gap to full (mean / worst) | wall s (mean) |",
-             "|---|---|---|---|---|---|" + ("---|" if pareto else "") + "---|---|"]
-    full_items = np.mean([r["items"] for r in full.values()]) if full else np.nan
+             "|---|---|---|---|---|---|" + ("---|---|" if pareto else "") + "---|---|"]
+    counted = not any(r["kind"] == "full" for r in rows)
     for kind in order:
         rs = [r for r in rows if r["kind"] == kind]
         if not rs:
             continue
         gaps = [full[r["seed"]][key] - r[key] for r in rs if r["seed"] in full]
+        full_items = (np.mean([r["candidates"] * r["full_evaluation"] for r in rs]) if counted
+                      else np.mean([r["items"] for r in full.values()]))
         ratio = full_items / np.mean([r["items"] for r in rs])
-        gap_text = f"{np.mean(gaps):+.4f} / {max(gaps):+.4f}" if gaps else "-"
-        hv = f"{np.mean([r['test_hv'] for r in rs]):.4f} | " if pareto else ""
+        gap_text = (f"{np.mean(gaps):+.4f} / {max(gaps):+.4f}" + (" (proxy)" if reference else "")) if gaps else "-"
+        hv = (f"{np.mean([r['test_hv'] for r in rs]):.4f} | {np.mean([r['fitness_hv'] for r in rs]):.4f} | "
+              if pareto else "")
         walls = [r["wall_s"] for r in rs if r["wall_s"] is not None]
         parts = " / ".join(f"{np.mean([r['parts'][p] for r in rs]):,.0f}"
                            for p in ("calibration", "search", "final", "report"))
         lines.append(f"| {kind} | {len(rs)} | {np.mean([r['items'] for r in rs]):,.0f} | {parts} | "
-                     f"{ratio:.1f}x fewer | "
+                     f"{ratio:.1f}x fewer{' (by count)' if counted else ''} | "
                      f"{np.mean([r['test_mean'] for r in rs]):.4f} | {hv}{gap_text} | "
                      f"{np.mean(walls) if walls else float('nan'):.0f} |")
     return "\n".join(lines)

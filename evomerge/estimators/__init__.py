@@ -7,9 +7,10 @@ multi-fidelity baseline: the better half of a generation goes on to twice the it
 
 from __future__ import annotations
 
-from evomerge.estimators.base import Cut, EstimatorInputs, FitnessEstimator, PhaseView, ScoreAll, Selection
+from evomerge.estimators.base import Cut, EstimatorInputs, FitnessEstimator, PhaseView, ScoreAll, Selection, pooled
 
-__all__ = ["Cut", "EstimatorInputs", "FitnessEstimator", "PhaseView", "ScoreAll", "Selection", "make_fitness_estimator"]
+__all__ = ["Cut", "EstimatorInputs", "FitnessEstimator", "PhaseView", "ScoreAll", "Selection",
+           "make_fitness_estimator", "pooled"]
 
 
 def make_fitness_estimator(inputs: EstimatorInputs) -> FitnessEstimator:
