@@ -179,8 +179,8 @@ class EstimatorSpec(Strict):
     delta: float = Field(0.05, gt=0, lt=1)
     # items per benchmark the estimator works with (a fraction, or a count: a benchmark with fewer items
     # keeps them all), drawn once from the run's seed: calibration, search, final confirmation and the
-    # report's check all use this pool, so their cost stops growing with the benchmark (default: every item)
-    pool: Optional[float] = Field(None, gt=0)
+    # report's check all use this sample, so their cost stops growing with the benchmark (default: every item)
+    item_sample: Optional[float] = Field(None, gt=0)
 
     @property
     def models_to_calibrate(self) -> int:
@@ -189,13 +189,13 @@ class EstimatorSpec(Strict):
         return 8 if self.kind == "adaptive" else 60
 
     @model_validator(mode="after")
-    def _pool(self) -> "EstimatorSpec":
-        if self.pool is not None and self.kind == "full":
-            raise ValueError("pool subsamples the items an estimator works with, and kind 'full' scores every "
+    def _item_sample(self) -> "EstimatorSpec":
+        if self.item_sample is not None and self.kind == "full":
+            raise ValueError("item_sample samples the items an estimator works with, and kind 'full' scores every "
                              "item by definition; use kind: random (budget) for one fixed subset, or an IRT "
-                             "kind or adaptive with pool")
-        if self.pool is not None and self.calibration is not None:
-            raise ValueError("pool draws the items a run calibrates on, and a reused calibration "
+                             "kind or adaptive with item_sample")
+        if self.item_sample is not None and self.calibration is not None:
+            raise ValueError("item_sample draws the items a run calibrates on, and a reused calibration "
                              f"({self.calibration}) already fixes them; drop one of the two")
         return self
 

@@ -81,12 +81,12 @@ def reference_recipes(base: str, others: list[str], hand: Sequence[Reference]) -
 
 
 def items_scored(run_dir: Path, phases: Sequence[PhaseResult], full_items: int, references: int,
-                 checked: int, pool_items: int | None = None) -> dict[str, int]:
+                 checked: int, sample_items: int | None = None) -> dict[str, int]:
     """Every fitness item the run scored, by what it was for, so that runs compare by one number.
 
     ``full_items``: the items of one full evaluation (every item benchmark); ``references``: the
     recipes scored on every item for the report (hand recipes and sources); ``checked``: the items of
-    the benchmark check before the search; ``pool_items``: the items of the estimator's pool (default:
+    the benchmark check before the search; ``sample_items``: the items of the estimator's item sample (default:
     every item), what a drift check scores. Calibration counts the population scored before the search;
     refits score no item (they refit on answers already counted, so the part is 0 and
     ``refit_count`` says how many there were); final: the candidates scored on every item to confirm
@@ -101,7 +101,7 @@ def items_scored(run_dir: Path, phases: Sequence[PhaseResult], full_items: int, 
         assert ph.store_path is not None
         with RunStore(ph.store_path, readonly=True) as store:
             search += sum(len(r["item_ids"]) for e in store.evaluations() for r in (e.responses or []))
-            drift += len(store.get_meta("drift", []) or []) * (pool_items or full_items)
+            drift += len(store.get_meta("drift", []) or []) * (sample_items or full_items)
             chosen_among = set(store.get_meta("final_confirmed", []) or [])
             for h, s in (store.get_meta("full_scores", {}) or {}).items():
                 items = sum(x["items"] for x in s.values())
@@ -111,7 +111,7 @@ def items_scored(run_dir: Path, phases: Sequence[PhaseResult], full_items: int, 
     parts = {"calibration": calibration, "search": search, "refits": 0, "drift": drift, "final": final,
              "report": report, "references": references * full_items, "checks": checked}
     return {"total": sum(parts.values()), **parts, "refit_count": refits, "full_evaluation": full_items,
-            "pool": pool_items or full_items}
+            "item_sample": sample_items or full_items}
 
 
 def write_outputs(run_dir: Path, exp: Experiment, phases: list[PhaseResult], objectives: Objectives,

@@ -23,7 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from evomerge import outputs
 from evomerge.config import DFSSpace, Experiment, PSSpace, experiment_from_data, read_experiment_yaml
-from evomerge.estimators import EstimatorInputs, FitnessEstimator, PhaseView, make_fitness_estimator, pooled
+from evomerge.estimators import EstimatorInputs, FitnessEstimator, PhaseView, make_fitness_estimator, sampled_items
 from evomerge.evaluate.base import ItemResponses
 from evomerge.evaluate.custom import CustomFitness
 from evomerge.evaluate.registry import make_evaluator
@@ -124,7 +124,7 @@ class Job:
     def score_all(self, recipes: Mapping[str, Recipe],
                   items: Mapping[str, list[str]] | None = None) -> dict[str, dict[str, np.ndarray]]:
         """Every fitness item of every item benchmark for each recipe (or only ``items``, an estimator's
-        pool, in that order): {name: {benchmark: scores}}."""
+        item sample, in that order): {name: {benchmark: scores}}."""
         names = list(recipes)
         selection = dict(items) if items is not None else None
         out: dict[str, dict[str, np.ndarray]] = {}
@@ -141,18 +141,18 @@ class Job:
         return ids
 
     def estimator_item_ids(self) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-        """Every fitness item of each item benchmark, and those the estimator works with (its pool)."""
+        """Every fitness item of each item benchmark, and those the estimator works with (its item sample)."""
         every = {n: v for n, v in self.item_ids("fitness").items() if v is not None}
-        return every, pooled(every, self.exp.fitness.estimator.pool, self.exp.seed)
+        return every, sampled_items(every, self.exp.fitness.estimator.item_sample, self.exp.seed)
 
     def estimator_inputs(self) -> EstimatorInputs:
         spec = self.exp.fitness.estimator
         every, item_ids = self.estimator_item_ids()
-        if spec.pool is not None:
-            self.console.print("estimator pool (seeded): " + ", ".join(
+        if spec.item_sample is not None:
+            self.console.print("the estimator's item sample (seeded): " + ", ".join(
                 f"{b} {len(v):,} of {len(every[b]):,} items" for b, v in item_ids.items()))
         return EstimatorInputs(spec, self.exp.seed, item_ids, self.objectives,
-                               partial(self.score_all, items=item_ids if spec.pool is not None else None),
+                               partial(self.score_all, items=item_ids if spec.item_sample is not None else None),
                                self.run_dir, self.exp_dir, self.calibration_recipes,
                                say=lambda text: self.console.print(text, soft_wrap=True))
 
@@ -327,9 +327,9 @@ class Job:
         full_items = sum(len(v) for v in self.item_ids("fitness").values() if v is not None)
         checked = sum(min(4, len(v)) for which in ("fitness", "test") for v in self.item_ids(which).values()
                       if v is not None)
-        pool_items = sum(len(v) for v in self.estimator_item_ids()[1].values())
+        sample_items = sum(len(v) for v in self.estimator_item_ids()[1].values())
         items = outputs.items_scored(self.run_dir, phases, full_items, len(hand) + len(exp.models), checked,
-                                     pool_items)
+                                     sample_items)
         memory = [info.get("memory", {}) | {"worker": info.get("name", "")} for info in self.pool.broadcast("info")]
         outputs.write_outputs(self.run_dir, exp, phases, self.objectives, chosen, test, self.pool.utilization(),
                               self.console, hand, items, memory)

@@ -5,7 +5,7 @@ held-out test mean of the exported model, for the same experiment and seeds.
     python scripts/bench_estimators.py --seeds 0 1 2 3 4 --kinds full adaptive gpirt random
     python scripts/bench_estimators.py --experiment experiments/nsga2_rev_sort.yaml --markdown out.md
     python scripts/bench_estimators.py --split fitness_large --out runs/bench-large \
-        --kinds racing@pool=1000 random_total successive_halving@pool=1000   # 5,000 items a skill
+        --kinds racing@item_sample=1000 random_total successive_halving@item_sample=1000   # 5,000 items a skill
 
 ``random`` is run at the racing (else the adaptive) run's mean search items per candidate, so they
 compare at equal search items, ``random_total`` at its items in all (its calibration spread over the
@@ -59,7 +59,7 @@ def estimator_for(kind: str, done: dict[str, dict]) -> dict:
     ``NAME@KEY=VALUE,...`` any estimator settings."""
     base, _, value = kind.partition("@")
     if base in ("random", "random_total"):
-        # the last racing or adaptive run of this seed (racing@pool=1000 when it ran after racing)
+        # the last racing or adaptive run of this seed (racing@item_sample=1000 when it ran after racing)
         ref = next((done[k] for k in reversed(done) if k.partition("@")[0] in EQUAL_ITEMS), None)
         # random: the racing run's search items a candidate; random_total: its items in all, the
         # calibration included (less the final confirmation, which random pays alike)

@@ -14,7 +14,7 @@ from test_adaptive import adaptive_on_synthetic, assert_answers_kept_and_resumes
 from test_search import experiment, run_cli
 
 from evomerge.config import EstimatorSpec
-from evomerge.estimators.base import Cut, EstimatorInputs, Selection, pooled
+from evomerge.estimators.base import Cut, EstimatorInputs, Selection, sampled_items
 from evomerge.estimators.halving import SuccessiveHalving
 from evomerge.estimators.racing import settled, z_value
 from evomerge.evaluate.base import ItemResponses
@@ -25,14 +25,14 @@ from evomerge.objectives import Objectives
 from evomerge.runstore import RunStore
 
 
-def test_pool_is_a_seeded_subset_of_each_benchmark():
+def test_item_sample_is_a_seeded_subset_of_each_benchmark():
     ids = {"a": [f"a{i}" for i in range(1000)], "b": [f"b{i}" for i in range(30)]}
-    p = pooled(ids, 100, seed=1)
+    p = sampled_items(ids, 100, seed=1)
     assert len(p["a"]) == 100 and p["b"] == ids["b"]  # a benchmark with fewer items keeps them all
     assert p["a"] == sorted(p["a"], key=ids["a"].index)  # in benchmark order
-    assert pooled(ids, 100, seed=1) == p and pooled(ids, 100, seed=2)["a"] != p["a"]
-    assert len(pooled(ids, 0.25, seed=1)["a"]) == 250 and len(pooled(ids, 0.25, seed=1)["b"]) == 8
-    assert pooled(ids, None, seed=1) == ids
+    assert sampled_items(ids, 100, seed=1) == p and sampled_items(ids, 100, seed=2)["a"] != p["a"]
+    assert len(sampled_items(ids, 0.25, seed=1)["a"]) == 250 and len(sampled_items(ids, 0.25, seed=1)["b"]) == 8
+    assert sampled_items(ids, None, seed=1) == ids
 
 
 def test_settled_reads_the_cut_from_the_intervals():
@@ -142,7 +142,7 @@ def test_racing_search_keeps_its_race_and_resumes_exactly(zoo, tmp_path):
     exp = experiment(zoo, tmp_path, budget={"evaluations": 18}, searcher={"name": "cmaes", "options": {"popsize": 6}})
     exp["fitness"]["estimator"] = {"kind": "adaptive", "calibration_models": 2, "start_items": 4, "batch": 4,
                                    "tolerance": 0.03, "max_items": 0.5, "racing": True, "delta": 0.2,
-                                   "refit_every": 1, "final_top_k": 2, "report_checks": 2, "pool": 0.5}
+                                   "refit_every": 1, "final_top_k": 2, "report_checks": 2, "item_sample": 0.5}
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp))
     ref = tmp_path / "ref"
     code, out = run_cli(["search", str(tmp_path / "exp.yaml"), "-o", str(ref)], tmp_path)
@@ -158,20 +158,20 @@ def test_racing_search_keeps_its_race_and_resumes_exactly(zoo, tmp_path):
         asked: dict[str, set[str]] = {}
         for r in (r for ev in evs for r in ev.responses or []):
             asked.setdefault(r["benchmark"], set()).update(r["item_ids"])
-    # pool 0.5: half of each benchmark's 40 items, drawn from the run's seed, is all the estimator sees
+    # item_sample 0.5: half of each benchmark's 40 items, drawn from the run's seed, is all the estimator sees
     every = {s: [json.loads(line)["id"] for line in open(tmp_path / f"{s}-fitness.jsonl")] for s in zoo.skills}
-    pool = pooled(every, 0.5, exp["seed"])
-    for b, ids in pool.items():
+    sample = sampled_items(every, 0.5, exp["seed"])
+    for b, ids in sample.items():
         assert len(ids) == 20 and asked[b] <= set(ids)
         assert Population.load(ref / "calibration" / "initial" / f"{b}.population.npz").item_ids == ids
     items = json.loads((ref / "summary.json").read_text())["items_scored"]
     parts = ("calibration", "search", "refits", "drift", "final", "report", "references", "checks")
     assert items["total"] == sum(items[p] for p in parts)
     assert items["search"] == searched and items["refits"] == 0 and items["refit_count"] == 3
-    assert items["pool"] == 60 and items["full_evaluation"] == 120
-    assert items["final"] == 2 * items["pool"] and items["report"] == 0  # report_checks <= final_top_k
-    assert items["calibration"] == (2 + 1 + len(zoo.skills)) * items["pool"]  # 2 merges, base, sources
-    assert "seeded pool of items (pool 0.5" in (ref / "report.md").read_text()
+    assert items["item_sample"] == 60 and items["full_evaluation"] == 120
+    assert items["final"] == 2 * items["item_sample"] and items["report"] == 0  # report_checks <= final_top_k
+    assert items["calibration"] == (2 + 1 + len(zoo.skills)) * items["item_sample"]  # 2 merges, base, sources
+    assert "seeded sample of items (item_sample 0.5" in (ref / "report.md").read_text()
     assert_answers_kept_and_resumes_exactly(ref, tmp_path, seed=4)
 
 

@@ -7,10 +7,18 @@ multi-fidelity baseline: the better half of a generation goes on to twice the it
 
 from __future__ import annotations
 
-from evomerge.estimators.base import Cut, EstimatorInputs, FitnessEstimator, PhaseView, ScoreAll, Selection, pooled
+from evomerge.estimators.base import (
+    Cut,
+    EstimatorInputs,
+    FitnessEstimator,
+    PhaseView,
+    ScoreAll,
+    Selection,
+    sampled_items,
+)
 
 __all__ = ["Cut", "EstimatorInputs", "FitnessEstimator", "PhaseView", "ScoreAll", "Selection",
-           "make_fitness_estimator", "pooled"]
+           "make_fitness_estimator", "sampled_items"]
 
 
 def make_fitness_estimator(inputs: EstimatorInputs) -> FitnessEstimator:

@@ -52,18 +52,18 @@ class EstimatorInputs:
     say: Callable[[str], None] = print
 
 
-def pooled(item_ids: Mapping[str, list[str]], pool: float | None, seed: int) -> dict[str, list[str]]:
-    """The items of each benchmark an estimator works with: all of them (``pool`` None), or a seeded
-    random ``pool`` (a fraction, or a count; a benchmark with fewer keeps every item) in benchmark order.
+def sampled_items(item_ids: Mapping[str, list[str]], sample: float | None, seed: int) -> dict[str, list[str]]:
+    """The items of each benchmark an estimator works with: all of them (``sample`` None), or a seeded
+    random ``sample`` (a fraction, or a count; a benchmark with fewer keeps every item) in benchmark order.
 
     Why: on a benchmark of thousands of items, the mean of a thousand random ones is within about 0.016
     of the whole benchmark's, below a search's tolerance, while the estimator's fixed costs (scoring the
     calibration population and confirming the final choice on every item) grow with the item count."""
-    if pool is None:
+    if sample is None:
         return {b: list(ids) for b, ids in item_ids.items()}
     out = {}
     for j, (b, ids) in enumerate(sorted(item_ids.items())):
-        n = max(1, round(pool * len(ids))) if pool <= 1 else min(int(pool), len(ids))
+        n = max(1, round(sample * len(ids))) if sample <= 1 else min(int(sample), len(ids))
         keep = np.sort(np.random.default_rng([seed, 104_729, j]).choice(len(ids), n, replace=False))
         out[b] = [ids[i] for i in keep]
     return {b: out[b] for b in item_ids}

@@ -111,10 +111,10 @@ class ReducedFitness(FitnessEstimator):
                     + (f", racing with delta {spec.delta}" if spec.racing else ""),
                     "successive_halving": f"start_items {spec.start_items}, max_items {spec.max_items}"
                     }.get(spec.kind, f"budget {spec.budget}")
-        if spec.pool is not None:
-            lines = [f"The estimator works on a seeded pool of items (pool {spec.pool}: " + ", ".join(
+        if spec.item_sample is not None:
+            lines = [f"The estimator works on a seeded sample of items (item_sample {spec.item_sample}: " + ", ".join(
                 f"{b} {len(v):,}" for b, v in self.inputs.item_ids.items()) + "); every item below means every "
-                "item of the pool.", "", *lines]
+                "item of the sample.", "", *lines]
         text = [f"### Fitness estimator ({spec.kind}, {settings})", "", *lines,
                 "Measured on search candidates that were never in the calibration population, each "
                 "evaluated on every item after the search"
