@@ -120,6 +120,7 @@ def main() -> None:
     ap.add_argument("--split", default="fitness", help="the zoo's fitness split the objectives use: fitness "
                     "(600 items per skill) or fitness_large (5,000, the large-benchmark variant)")
     ap.add_argument("--no-run", action="store_true", help="only tabulate the runs already in --out")
+    ap.add_argument("--plot", type=Path, help="a PNG of the gap to full against items scored, every run")
     ap.add_argument("--gap-against", type=Path, help="take the full runs the gaps are measured against from "
                     "this --out of another benchmark (a proxy: the large variant's full run is too dear here)")
     args = ap.parse_args()
@@ -142,6 +143,8 @@ def main() -> None:
                      for seed in args.seeds if (args.gap_against / f"full-s{seed}" / "summary.json").exists()]
     text = table(rows, order, reference)
     print(text)
+    if args.plot:
+        plot(rows, order, reference, args.plot)
     if args.markdown:
         args.markdown.write_text(text + "\n")
 
@@ -179,6 +182,41 @@ def table(rows: list[dict], order: list[str], reference: list[dict] | None = Non
                      f"{np.mean([r['test_mean'] for r in rs]):.4f} | {hv}{gap_text} | "
                      f"{np.mean(walls) if walls else float('nan'):.0f} |")
     return "\n".join(lines)
+
+
+def plot(rows: list[dict], order: list[str], reference: list[dict] | None, path: Path) -> None:
+    """Gap to full (same seed) against items scored, log scale: one dot per run, a cross per kind's
+    mean; the curve a reader wants when a target of items and gap is missed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pareto = any(r["test_hv"] is not None for r in rows)
+    key = "test_hv" if pareto else "test_mean"
+    full = {r["seed"]: r for r in (reference or []) + rows if r["kind"] == "full"}
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, kind in enumerate(k for k in order if k != "full"):
+        rs = [r for r in rows if r["kind"] == kind and r["seed"] in full]
+        if not rs:
+            continue
+        xs, ys = [r["items"] for r in rs], [full[r["seed"]][key] - r[key] for r in rs]
+        color = f"C{i}"
+        ax.scatter(xs, ys, color=color, alpha=0.45, s=18)
+        ax.scatter([np.mean(xs)], [np.mean(ys)], color=color, marker="X", s=90, label=f"{kind} ({len(rs)} seeds)")
+    full_items = np.mean([r["items"] for r in full.values()]) if full else None
+    if full_items:
+        ax.axvline(full_items, color="k", lw=0.8, ls=":")
+        ax.text(full_items, ax.get_ylim()[1], " full", va="top", fontsize=8)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("fitness items scored in the whole run (log)")
+    ax.set_ylabel(("held-out hypervolume" if pareto else "held-out test mean") + " gap to full (+: worse)")
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
