@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from evomerge.run import start
+from evomerge.run import resume, start
 
 SETTINGS = {
     "full": {"kind": "full"},
@@ -60,12 +60,16 @@ def estimator_for(kind: str, done: dict[str, dict]) -> dict:
     base, _, value = kind.partition("@")
     if base in ("random", "random_total"):
         # the last racing or adaptive run of this seed (racing@item_sample=1000 when it ran after racing)
-        ref = next((done[k] for k in reversed(done) if k.partition("@")[0] in EQUAL_ITEMS), None)
+        ref_kind = next((k for k in reversed(done) if k.partition("@")[0] in EQUAL_ITEMS), None)
+        ref = done[ref_kind] if ref_kind else None
         # random: the racing run's search items a candidate; random_total: its items in all, the
-        # calibration included (less the final confirmation, which random pays alike)
+        # calibration included (less the final confirmation, which random pays alike: on the same item
+        # sample when the racing run had one)
+        sample = estimator_for(ref_kind, {}).get("item_sample") if ref_kind else None
         spent = (ref["search_items"] if base == "random" else ref["items"] - ref["parts"]["final"]) if ref else 0
-        budget = float(value) if value else (spent / ref["candidates"] / ref["full_evaluation"] if ref else 0.1)
-        return {"kind": "random", "budget": round(budget, 4), "final_top_k": 2, "report_checks": 2}
+        budget = float(value) if value else (spent / ref["candidates"] / ref["sample_items"] if ref else 0.1)
+        return {"kind": "random", "budget": round(budget, 4), "final_top_k": 2, "report_checks": 2,
+                **({"item_sample": sample} if sample else {})}
     estimator = dict(SETTINGS.get(base, {"kind": base}))
     if "=" in value:  # racing@tolerance=0.03,batch=32: any settings
         estimator.update({k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in value.split(","))})
@@ -87,9 +91,12 @@ def run_one(exp_path: Path, out: Path, kind: str, seed: int, estimator: dict, sp
         path = out / f"{kind}-s{seed}.yaml"
         out.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump({**data, "output_dir": str(run_dir)}, sort_keys=False))
-        t0 = time.perf_counter()
-        start(path, run_dir)
-        (run_dir / "wall_s.json").write_text(json.dumps(time.perf_counter() - t0))
+        if (run_dir / "experiment.yaml").exists():  # a benchmark killed mid-run: go on (its wall time is lost)
+            resume(run_dir)
+        else:
+            t0 = time.perf_counter()
+            start(path, run_dir)
+            (run_dir / "wall_s.json").write_text(json.dumps(time.perf_counter() - t0))
     summary = json.loads((run_dir / "summary.json").read_text())
     models = {m: {k: v for k, v in t.items() if k != "error"} for m, t in summary["test"].items()
               if m == "best" or m.startswith("pareto-")}
@@ -101,6 +108,7 @@ def run_one(exp_path: Path, out: Path, kind: str, seed: int, estimator: dict, sp
             "references": items.get("references", 0),
             "search_items": summary["items_scored"]["search"], "candidates": candidates,
             "full_evaluation": summary["items_scored"]["full_evaluation"],
+            "sample_items": items.get("item_sample", items["full_evaluation"]),
             "test_mean": float(np.mean([np.mean(list(t.values())) for t in models.values()])) if models else np.nan,
             "test_hv": hypervolume([list(t.values()) for t in models.values()]) if "best" not in models else None,
             # the exported front's hypervolume on the fitness split, as the run scored it (estimates
