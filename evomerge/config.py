@@ -194,6 +194,9 @@ class EstimatorSpec(Strict):
             raise ValueError("item_sample samples the items an estimator works with, and kind 'full' scores every "
                              "item by definition; use kind: random (budget) for one fixed subset, or an IRT "
                              "kind or adaptive with item_sample")
+        if self.item_sample is not None and self.item_sample > 1 and not float(self.item_sample).is_integer():
+            raise ValueError(f"item_sample {self.item_sample} is neither a fraction in (0, 1] nor a whole count of "
+                             f"items; give e.g. 0.2 or 1000")
         if self.item_sample is not None and self.calibration is not None:
             raise ValueError("item_sample draws the items a run calibrates on, and a reused calibration "
                              f"({self.calibration}) already fixes them; drop one of the two")

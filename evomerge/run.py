@@ -24,7 +24,6 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from evomerge import outputs
 from evomerge.config import DFSSpace, Experiment, PSSpace, experiment_from_data, read_experiment_yaml
 from evomerge.estimators import EstimatorInputs, FitnessEstimator, PhaseView, make_fitness_estimator, sampled_items
-from evomerge.evaluate.base import ItemResponses
 from evomerge.evaluate.custom import CustomFitness
 from evomerge.evaluate.registry import make_evaluator
 from evomerge.loop import open_searcher, search
@@ -128,11 +127,12 @@ class Job:
         names = list(recipes)
         selection = dict(items) if items is not None else None
         out: dict[str, dict[str, np.ndarray]] = {}
+        # the evaluators score selected items in the order asked for (``select_ids``), so the scores
+        # line up with ``items`` as they do with every item
         for i, result in run_tasks(self.pool, [Task(recipes[n], selection, "fitness", 0) for n in names]):
             if not result.ok:
                 raise RuntimeError(f"evaluating '{names[i]}' on every fitness item failed: {result.error}")
-            out[names[i]] = {r.benchmark: in_order(r, items[r.benchmark]) if items and r.benchmark in items
-                             else r.scores for r in result.responses}
+            out[names[i]] = {r.benchmark: r.scores for r in result.responses}
         return out
 
     def item_ids(self, which: str) -> dict[str, Optional[list[str]]]:
@@ -324,12 +324,12 @@ class Job:
             self.console.print("evaluating the chosen model(s) and the references on the held-out test split...")
             recipes = {**chosen, **earlier, **outputs.reference_recipes(exp.base_model, self.others, exp.references)}
             test = self.score_test(recipes)
-        full_items = sum(len(v) for v in self.item_ids("fitness").values() if v is not None)
+        every, sample = self.estimator_item_ids()
+        full_items = sum(len(v) for v in every.values())
         checked = sum(min(4, len(v)) for which in ("fitness", "test") for v in self.item_ids(which).values()
                       if v is not None)
-        sample_items = sum(len(v) for v in self.estimator_item_ids()[1].values())
         items = outputs.items_scored(self.run_dir, phases, full_items, len(hand) + len(exp.models), checked,
-                                     sample_items)
+                                     sum(len(v) for v in sample.values()))
         memory = [info.get("memory", {}) | {"worker": info.get("name", "")} for info in self.pool.broadcast("info")]
         outputs.write_outputs(self.run_dir, exp, phases, self.objectives, chosen, test, self.pool.utilization(),
                               self.console, hand, items, memory)
@@ -413,12 +413,3 @@ def calibrate(exp_path: str | Path, out: Path, n_models: Optional[int] = None,
         job.pool.close()
     return out
 
-
-def in_order(responses: ItemResponses, item_ids: list[str]) -> np.ndarray:
-    """``responses``' scores in the order of ``item_ids`` (the items that were asked for)."""
-    where = dict(zip(responses.item_ids, responses.scores))
-    missing = [i for i in item_ids if i not in where]
-    if missing:
-        raise RuntimeError(f"{responses.benchmark}: the worker did not score {len(missing)} of the items asked "
-                           f"for (first: {missing[0]!r})")
-    return np.array([where[i] for i in item_ids], dtype=np.float64)

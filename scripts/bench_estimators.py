@@ -157,15 +157,21 @@ def main() -> None:
         args.markdown.write_text(text + "\n")
 
 
+def gap_basis(rows: list[dict], reference: list[dict] | None) -> tuple[bool, str, dict[int, dict]]:
+    """Whether the runs are Pareto searches, the row key gaps are measured on (held-out hypervolume or
+    test mean), and the full run of each seed (this benchmark's, else ``reference``'s)."""
+    pareto = any(r["test_hv"] is not None for r in rows)
+    full = {r["seed"]: r for r in (reference or []) + rows if r["kind"] == "full"}
+    return pareto, "test_hv" if pareto else "test_mean", full
+
+
 def table(rows: list[dict], order: list[str], reference: list[dict] | None = None) -> str:
     """Per estimator, means over seeds; gaps are full's value minus the estimator's at the same seed
     (positive: worse than full), on the held-out test mean (single objective) or on the hypervolume
     of the exported models' held-out scores (Pareto). Without a full run, items compare with what full
     would score by count (candidates x items of one full evaluation, marked "by count"); ``reference``
     (another benchmark's full runs) gives proxy gaps, marked "proxy"."""
-    pareto = any(r["test_hv"] is not None for r in rows)
-    key = "test_hv" if pareto else "test_mean"
-    full = {r["seed"]: r for r in (reference or []) + rows if r["kind"] == "full"}
+    pareto, key, full = gap_basis(rows, reference)
     lines = ["| estimator | seeds | items scored (mean) | calibration / search / final / report | items vs full | "
              "held-out test mean | " + ("held-out hypervolume | fitness-split hypervolume | " if pareto else "")
              + "gap to full (mean / worst) | wall s (mean) |",
@@ -200,9 +206,7 @@ def plot(rows: list[dict], order: list[str], reference: list[dict] | None, path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pareto = any(r["test_hv"] is not None for r in rows)
-    key = "test_hv" if pareto else "test_mean"
-    full = {r["seed"]: r for r in (reference or []) + rows if r["kind"] == "full"}
+    pareto, key, full = gap_basis(rows, reference)
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for i, kind in enumerate(k for k in order if k != "full"):
         rs = [r for r in rows if r["kind"] == kind and r["seed"] in full]

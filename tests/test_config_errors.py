@@ -66,6 +66,8 @@ CASES = [
     ("unknown estimator", _set("fitness.estimator", {"kind": "irtt"}), ["fitness.estimator.kind", "'gpirt'"]),
     ("item_sample with full", _set("fitness.estimator", {"kind": "full", "item_sample": 1000}),
      ["kind 'full' scores every item", "kind: random"]),
+    ("item_sample neither a fraction nor a count", _set("fitness.estimator", {"kind": "adaptive", "item_sample": 2.5}),
+     ["item_sample 2.5", "0.2 or 1000"]),
     ("item_sample with a reused calibration",
      _set("fitness.estimator", {"kind": "gpirt", "item_sample": 0.2, "calibration": "c"}),
      ["reused calibration", "drop one"]),

@@ -61,9 +61,11 @@ def sampled_items(item_ids: Mapping[str, list[str]], sample: float | None, seed:
     calibration population and confirming the final choice on every item) grow with the item count."""
     if sample is None:
         return {b: list(ids) for b, ids in item_ids.items()}
+    from evomerge.irt.anchors import resolve_budget  # scikit-learn behind it: only when a sample is asked
+
     out = {}
     for j, (b, ids) in enumerate(sorted(item_ids.items())):
-        n = max(1, round(sample * len(ids))) if sample <= 1 else min(int(sample), len(ids))
+        n = resolve_budget(sample if sample <= 1 else min(sample, len(ids)), len(ids))
         keep = np.sort(np.random.default_rng([seed, 104_729, j]).choice(len(ids), n, replace=False))
         out[b] = [ids[i] for i in keep]
     return {b: out[b] for b in item_ids}
