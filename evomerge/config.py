@@ -328,6 +328,64 @@ DEFAULT_REFERENCES = (
 )
 
 
+class VllmOptions(Strict):
+    """The vLLM engine each worker starts (``evaluation.vllm``); see :mod:`evomerge.evaluate.vllm_engine`."""
+
+    dtype: Optional[Literal["float32", "float16", "bfloat16"]] = None  # None: the merge's dtype
+    max_model_len: Optional[int] = Field(None, ge=8)  # longest prompt + answer; None: the model's, at most 2048
+    max_num_seqs: int = Field(64, ge=1)  # sequences scored at once
+    kv_cache: Optional[Union[int, str]] = None  # bytes or a size ("1GB"); None: from the model and max_num_seqs
+    tensor_parallel_size: int = Field(1, ge=1)  # GPUs per engine (a model larger than one GPU)
+    enforce_eager: bool = True  # no graph compilation: starts in seconds (compiled: a minute, no faster on CPU)
+    extra: dict[str, Any] = Field(default_factory=dict)  # any other vllm.LLM argument, passed as given
+
+    @field_validator("kv_cache")
+    @classmethod
+    def _size(cls, v: Optional[Union[int, str]]) -> Optional[Union[int, str]]:
+        if v is not None:
+            kv_cache_bytes(v)
+        return v
+
+    def settings(self) -> dict[str, Any]:
+        """What a worker's engine receives (plain data: it crosses to Ray actors)."""
+        out = self.model_dump(exclude={"kv_cache"})
+        out["kv_cache_bytes"] = kv_cache_bytes(self.kv_cache) if self.kv_cache is not None else None
+        return out
+
+
+def kv_cache_bytes(value: Union[int, str]) -> int:
+    """A KV cache size in bytes from a number of bytes or a size string; errors name evaluation.vllm.kv_cache."""
+    from evomerge.checkpoint import parse_size
+
+    try:
+        n = int(value) if isinstance(value, int) and not isinstance(value, bool) else int(parse_size(str(value)))
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise ValueError(f"evaluation.vllm.kv_cache: {value!r} is not a size; give bytes or e.g. '1GB', '512MiB'")
+    return n
+
+
+class Evaluation(Strict):
+    """How candidates are scored: on the transformers model (``hf``) or a resident vLLM engine per
+    worker (``vllm``); ``auto`` takes vLLM where it is installed."""
+
+    backend: Literal["hf", "vllm", "auto"] = "hf"
+    vllm: VllmOptions = Field(default_factory=VllmOptions)
+
+    @model_validator(mode="after")
+    def _installed(self) -> "Evaluation":
+        if self.backend == "vllm":
+            from evomerge.evaluate.vllm_engine import INSTALL_HINT, vllm_installed
+
+            if not vllm_installed():
+                raise ValueError(f"evaluation.backend: vllm, but vLLM is not installed; {INSTALL_HINT}")
+        return self
+
+    def settings(self) -> dict[str, Any]:
+        return {"backend": self.backend, "vllm": self.vllm.settings()}
+
+
 class Experiment(Strict):
     name: str
     seed: int = 0
@@ -370,6 +428,7 @@ class Experiment(Strict):
         """What the workers' engines receive (plain data: it crosses to Ray actors)."""
         return {"policy": self.memory, "budget": self.memory_budget, "delta_dtype": self.delta_dtype,
                 "cache_dir": self.delta_cache}
+    evaluation: Evaluation = Field(default_factory=Evaluation)
     tracking: Optional[Tracking] = None  # TensorBoard / W&B / MLflow scalars per generation; off by default
 
     @model_validator(mode="after")

@@ -28,6 +28,7 @@ import torch
 from evomerge.evaluate.base import EvalContext, ItemResponses
 from evomerge.evaluate.chat import render_chat
 from evomerge.evaluate.generation import generate_texts, keep_last_logits
+from evomerge.evaluate.vllm_engine import VllmModel
 from evomerge.refs import resolve_items_ref
 
 Scorer = Literal["exact_match", "regex", "multiple_choice"]
@@ -181,7 +182,7 @@ def encode_pair(tokenizer: Any, context: str, continuation: str,
 
 
 @torch.inference_mode()
-def choice_loglikelihoods(model: torch.nn.Module, tokenizer: Any, items: Sequence[tuple[str, Sequence[str]]],
+def choice_loglikelihoods(model: torch.nn.Module | VllmModel, tokenizer: Any, items: Sequence[tuple[str, Sequence[str]]],
                           batch_size: int, device: torch.device | str,
                           add_special_tokens: bool = True) -> list[np.ndarray]:
     """Summed log-probability of each choice after its prompt: one array per (prompt, choices) pair.
@@ -194,6 +195,12 @@ def choice_loglikelihoods(model: torch.nn.Module, tokenizer: Any, items: Sequenc
     for i, (prompt, choices) in enumerate(items):
         for j, choice in enumerate(choices):
             rows.append((i, j, *encode_pair(tokenizer, prompt, choice, add_special_tokens)))
+    if isinstance(model, VllmModel):  # prompt log-probabilities of the same token ids
+        sums = model.loglikelihoods([(ctx, cont) for _, _, ctx, cont in rows])
+        lls = [np.zeros(len(choices)) for _, choices in items]
+        for (i, j, _, _), (total, _) in zip(rows, sums):
+            lls[i][j] = total
+        return lls
     rows.sort(key=lambda r: -(len(r[2]) + len(r[3])))
     out = [np.zeros(len(choices)) for _, choices in items]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
@@ -277,8 +284,8 @@ class ItemsBenchmark:
     def item_ids(self) -> list[str]:
         return [it.id for it in self.items]
 
-    def evaluate(self, model: torch.nn.Module, tokenizer: Any, ctx: EvalContext) -> ItemResponses:
-        device = check_device(model, ctx.device)
+    def evaluate(self, model: torch.nn.Module | VllmModel, tokenizer: Any, ctx: EvalContext) -> ItemResponses:
+        device = model.device if isinstance(model, VllmModel) else check_device(model, ctx.device)
         ids = select_ids(self.item_ids(), ctx.item_ids, self.name)
         items = [self._by_id[i] for i in ids]
         if not items:

@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from evomerge.evaluate.chat import chat_ids, end_token_ids, stop_checker
+from evomerge.evaluate.vllm_engine import VllmModel
 
 
 def _cache_kwarg(model: torch.nn.Module) -> str:
@@ -126,12 +127,13 @@ def accuracy(model: torch.nn.Module, tokenizer, items: Sequence[dict]) -> float:
     return round(sum(scores) / len(scores), 4)
 
 
-def generate_texts(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: Sequence[int],
+def generate_texts(model: torch.nn.Module | VllmModel, tokenizer: Any, prompts: Sequence[str], max_new_tokens: Sequence[int],
                    batch_size: int, device: torch.device | str, chat_template: bool = False,
                    system_prompt: str | None = None, stop: Sequence[str] = ()) -> list[str]:
     """Greedy continuations, each cut at its own token budget, decoded without special tokens.
 
-    A per-item budget keeps an item's score independent of which other items share its batch. With
+    ``model`` is a transformers model or a resident vLLM engine (the same prompts, end tokens and
+    budgets either way). A per-item budget keeps an item's score independent of which other items share its batch. With
     ``chat_template`` each prompt is a user turn of the tokenizer's chat template (see
     :mod:`evomerge.evaluate.chat`) and generation also ends at the end-of-turn token; ``stop`` strings
     end a row early (the caller still cuts the text at them).
@@ -144,6 +146,9 @@ def generate_texts(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str
         ids = [chat_ids(tokenizer, p, system_prompt) for p in prompts]
     else:
         ids = [tokenizer(p)["input_ids"] for p in prompts]
-    outs = greedy_generate(model, ids, max(max_new_tokens, default=1), ends, pad,
-                           batch_size=batch_size, device=device, stop=stop_checker(tokenizer, stop))
+    if isinstance(model, VllmModel):  # per-item budgets and end tokens in the engine itself
+        outs = model.generate(ids, max_new_tokens, ends, stop)
+    else:
+        outs = greedy_generate(model, ids, max(max_new_tokens, default=1), ends, pad,
+                               batch_size=batch_size, device=device, stop=stop_checker(tokenizer, stop))
     return tokenizer.batch_decode([o[:n] for o, n in zip(outs, max_new_tokens)], skip_special_tokens=True)

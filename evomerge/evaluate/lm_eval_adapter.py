@@ -34,6 +34,7 @@ import torch
 
 from evomerge.evaluate.base import EvalContext, ItemResponses
 from evomerge.evaluate.builtin import check_device, select_ids
+from evomerge.evaluate.vllm_engine import VllmModel
 from evomerge.refs import resolve_items_ref
 
 
@@ -174,12 +175,11 @@ class LmEvalBenchmark:
     def item_ids(self) -> list[str]:
         return list(self._items())
 
-    def evaluate(self, model: torch.nn.Module, tokenizer: Any, ctx: EvalContext) -> ItemResponses:
+    def evaluate(self, model: torch.nn.Module | VllmModel, tokenizer: Any, ctx: EvalContext) -> ItemResponses:
         from lm_eval.evaluator import evaluate
-        from lm_eval.models.huggingface import HFLM
 
         loaded = self._task_dict()
-        device = check_device(model, ctx.device)
+        device = model.device if isinstance(model, VllmModel) else check_device(model, ctx.device)
         ids = select_ids(list(self._items()), ctx.item_ids, self.name)
         if not ids:
             return ItemResponses(self.name, [], np.zeros(0))
@@ -193,8 +193,7 @@ class LmEvalBenchmark:
         # groups: scores are read per item, and a group missing unselected children cannot aggregate.
         task_dict = {"tasks": {t: loaded["tasks"][t] for t in samples}, "groups": {}, "group_map": {}}
         with _quiet(self.verbose):
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, device=str(device),
-                      **self.hflm_kwargs)
+            lm = self._lm(model, tokenizer, device)
             results = evaluate(lm=lm, task_dict=task_dict, samples=samples, log_samples=True, bootstrap_iters=0,
                                apply_chat_template=self.apply_chat_template,
                                fewshot_as_multiturn=self.fewshot_as_multiturn,
@@ -202,6 +201,23 @@ class LmEvalBenchmark:
         by_doc = {t: self._item_scores(t, results["samples"][t], set(docs)) for t, docs in samples.items()}
         scores = [by_doc[task][doc] for task, doc in (self._items()[i] for i in ids)]
         return ItemResponses(self.name, ids, np.asarray(scores, dtype=np.float64))
+
+    def _lm(self, model: torch.nn.Module | VllmModel, tokenizer: Any, device: torch.device) -> Any:
+        """lm-eval's model over the candidate: ``HFLM`` on the transformers model, or
+        :class:`~evomerge.evaluate.lm_eval_engine.EngineLM` on the worker's resident vLLM engine
+        (which takes ``max_length``, ``max_gen_toks`` and ``add_bos_token`` of ``hflm_kwargs``)."""
+        if isinstance(model, VllmModel):
+            from evomerge.evaluate.lm_eval_engine import EngineLM
+
+            unused = sorted(set(self.hflm_kwargs) - {"max_length", "max_gen_toks", "add_bos_token"})
+            if unused:
+                raise ValueError(f"benchmark '{self.name}': hflm_kwargs {unused} apply to the HF backend only; "
+                                 f"the vLLM backend takes max_length, max_gen_toks and add_bos_token")
+            return EngineLM(model, tokenizer, **self.hflm_kwargs)
+        from lm_eval.models.huggingface import HFLM
+
+        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, device=str(device),
+                    **self.hflm_kwargs)
 
     def _item_scores(self, task_name: str, logged: list[dict], expected: set[int]) -> dict[int, float]:
         """doc index -> score, from the logged samples of one filter, checked item by item."""

@@ -57,7 +57,7 @@ class MergeEngine:
     def __init__(self, models: Mapping[str, str | Path], base: str, device: str | torch.device = "cpu",
                  dtype: str | torch.dtype | None = None, allow_pickle: bool = False,
                  memory: MemorySettings | Mapping[str, Any] | str | None = None,
-                 on_cache_tensor: Callable[[str], None] | None = None):
+                 on_cache_tensor: Callable[[str], None] | None = None, hold_model: bool = True):
         if base not in models:
             raise MergeError(f"base '{base}' is not among the models {sorted(models)}")
         self.base_name = base
@@ -90,7 +90,10 @@ class MergeEngine:
                                     self.footprint.shared_bytes("disk"), allow_pickle, on_cache_tensor)
         else:
             self._load(allow_pickle)
-        self.model: PreTrainedModel | None = self._new_model()
+        # without hold_model (an evaluation backend that keeps its own weights: vLLM) the model is built
+        # only if something asks for it (materialize, source_model)
+        self._targets: dict[str, torch.Tensor] = {}
+        self.model: PreTrainedModel | None = self._new_model() if hold_model else None
         self._staging: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._peak_transient = 0
 
@@ -243,6 +246,25 @@ class MergeEngine:
     @torch.no_grad()
     def materialize(self, recipe: MergeConfig) -> PreTrainedModel:
         """Write the merge described by ``recipe`` into the engine's model and return it."""
+        model = self.model if self.model is not None else self._new_model()
+        self.model = model
+        for _ in self._merged(recipe, lambda name, base: self._targets[name]):
+            pass
+        return model
+
+    def stream(self, recipe: MergeConfig) -> Iterator[tuple[str, torch.Tensor]]:
+        """The merge of ``recipe`` tensor by tensor, as (checkpoint name, tensor), without the model.
+
+        Each tensor is written into a buffer of its own that the consumer copies and drops before
+        asking for the next (a vLLM engine's weight reload): the worker then holds one merged tensor
+        at a time, not a second full candidate. The values are ``materialize``'s, bit for bit.
+        """
+        return self._merged(recipe, lambda name, base: torch.empty_like(base))
+
+    @torch.no_grad()
+    def _merged(self, recipe: MergeConfig,
+                out: Callable[[str, torch.Tensor], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Merge tensor by tensor into ``out(name, base)``, yielding each (name, tensor) once written."""
         if recipe.slices:
             raise MergeError("the in-memory engine merges 'models:' recipes into the base's architecture; a "
                              "'slices:' merge changes the layers: write it with `evomerge merge` (merge_to_disk)")
@@ -252,8 +274,6 @@ class MergeEngine:
         unknown = [m for m in inputs.inputs if m not in self.names]
         if unknown:
             raise MergeError(f"recipe names models {unknown} that the engine does not hold ({self.names})")
-        model = self.model if self.model is not None else self._new_model()
-        self.model = model
         deltas_in = method.takes_deltas(inputs.base is not None)
         if deltas_in:
             rows = [self.others.index(m) for m in inputs.inputs]
@@ -262,9 +282,10 @@ class MergeEngine:
         whole = rows == list(range(len(self.others)))
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
         for name, base, deltas in self._inputs():
-            target = self._targets[name]
+            target = out(name, base)
             if deltas is None:
                 target.copy_(base)
+                yield name, target
                 continue
             per_model, glob = tensor_params(recipe, method, inputs, name, self.num_layers)
             stack = deltas if whole else deltas.index_select(0, index)
@@ -288,7 +309,7 @@ class MergeEngine:
                 linear_from_deltas(base, stack, w.get(self.base_name, 0.0),
                                    [w[m] for m in inputs.inputs if m != self.base_name],
                                    bool(glob["normalize"]), out=target)
-        return model
+            yield name, target
 
 
 def _elem(dtype: torch.dtype) -> int:

