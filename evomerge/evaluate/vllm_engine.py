@@ -64,7 +64,7 @@ class VllmSettings:
     max_model_len: int | None = None  # None: the model's max_position_embeddings, at most 2048
     max_num_seqs: int = 64
     kv_cache_bytes: int | None = None
-    kv_cache_cap: int = 2 << 30
+    kv_cache_cap: int = 512 << 20  # vLLM fills it on demand: short items need far less than the cap
     tensor_parallel_size: int = 1
     enforce_eager: bool = True
     cpu_threads_bind: str | None = None  # VLLM_CPU_OMP_THREADS_BIND for this engine (CPU only)
@@ -159,6 +159,7 @@ class VllmModel:
             max_model_len=self.max_model_len, max_num_seqs=s.max_num_seqs, enforce_eager=s.enforce_eager,
             tensor_parallel_size=s.tensor_parallel_size, seed=s.seed, enable_prefix_caching=True,
             kv_cache_memory_bytes=kv_cache_size(folder, dtype, s), disable_log_stats=True)
+        self.kv_cache_bytes = int(kwargs["kv_cache_memory_bytes"])
         kwargs.update(s.extra)
         with _env(env), _quiet_vllm():
             from vllm import LLM

@@ -78,6 +78,10 @@ class Worker:
         self.vllm: VllmModel | None = None
         if self.backend == "vllm":
             settings = VllmSettings(**{"dtype": None, **(evaluation or {}).get("vllm", {})})
+            if threads and self.device.type == "cpu" and settings.cpu_threads_bind is None:
+                # a Ray actor given `threads` CPUs: vLLM's own binding would pin every engine on the node
+                # to the same cores; unbound, its OpenMP threads follow OMP_NUM_THREADS like the merge's
+                settings.cpu_threads_bind = "nobind"
             vllm_dtype = as_dtype(settings.dtype) or self.engine.dtype
             self.vllm = VllmModel(self.engine.sources.paths[base], vllm_dtype, settings, self.device,
                                   hf_model=self._hf_candidate)
