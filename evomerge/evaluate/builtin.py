@@ -182,7 +182,8 @@ def encode_pair(tokenizer: Any, context: str, continuation: str,
 
 
 @torch.inference_mode()
-def choice_loglikelihoods(model: torch.nn.Module | VllmModel, tokenizer: Any, items: Sequence[tuple[str, Sequence[str]]],
+def choice_loglikelihoods(model: torch.nn.Module | VllmModel, tokenizer: Any,
+                          items: Sequence[tuple[str, Sequence[str]]],
                           batch_size: int, device: torch.device | str,
                           add_special_tokens: bool = True) -> list[np.ndarray]:
     """Summed log-probability of each choice after its prompt: one array per (prompt, choices) pair.

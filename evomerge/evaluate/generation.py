@@ -127,7 +127,8 @@ def accuracy(model: torch.nn.Module, tokenizer, items: Sequence[dict]) -> float:
     return round(sum(scores) / len(scores), 4)
 
 
-def generate_texts(model: torch.nn.Module | VllmModel, tokenizer: Any, prompts: Sequence[str], max_new_tokens: Sequence[int],
+def generate_texts(model: torch.nn.Module | VllmModel, tokenizer: Any, prompts: Sequence[str],
+                   max_new_tokens: Sequence[int],
                    batch_size: int, device: torch.device | str, chat_template: bool = False,
                    system_prompt: str | None = None, stop: Sequence[str] = ()) -> list[str]:
     """Greedy continuations, each cut at its own token budget, decoded without special tokens.

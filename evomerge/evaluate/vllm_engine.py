@@ -198,16 +198,19 @@ class VllmModel:
         cuts the text at them (as the HF path does).
         """
         from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
 
         if not prompts:
             return []
         ends = [int(e) for e in end_ids]
-        stops = ([list(stop)] * len(prompts) if all(isinstance(s, str) for s in stop)
-                 else [list(s) for s in stop])
-        params = [SamplingParams(temperature=0.0, max_tokens=int(n), stop_token_ids=ends, stop=[x for x in s if x] or None,
-                                 skip_special_tokens=True, detokenize=any(s))
+        stops: list[list[str]] = []
+        for i in range(len(prompts)):
+            row = stop if all(isinstance(s, str) for s in stop) else stop[i]
+            stops.append([str(x) for x in row if x])
+        params = [SamplingParams(temperature=0.0, max_tokens=int(n), stop_token_ids=ends, stop=s or None,
+                                 skip_special_tokens=True, detokenize=bool(s))
                   for n, s in zip(max_new_tokens, stops)]
-        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
         end_set = set(ends)
         results = []
         for out in outs:
@@ -221,11 +224,12 @@ class VllmModel:
         """Summed log-probability of each continuation after its context (token ids), and whether
         the continuation is the greedy one (every token the argmax), as lm-eval's loglikelihood."""
         from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
 
         if not pairs:
             return []
         params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1 if greedy else 0, detokenize=False)
-        prompts = [{"prompt_token_ids": list(ctx) + list(cont)} for ctx, cont in pairs]
+        prompts = [TokensPrompt(prompt_token_ids=list(ctx) + list(cont)) for ctx, cont in pairs]
         outs = self.llm.generate(prompts, params, use_tqdm=False)
         results = []
         for (ctx, cont), out in zip(pairs, outs):

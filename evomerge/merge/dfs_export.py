@@ -14,49 +14,22 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping
 
 import torch
-from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from evomerge.checkpoint import copy_tokenizer, resolve_model_path, write_sharded
-from evomerge.merge.dfs_model import _layer_list, check_pool, layer_list_path, plan_config
-from evomerge.recipe import DFSError, LayerPlan
-
-# Residual writes per layer family: (attention output projection, MLP output projection), as module
-# names relative to one decoder layer. Folding divides their weights and biases.
-RESIDUAL_WRITES: tuple[tuple[str, str], ...] = (
-    ("self_attn.o_proj", "mlp.down_proj"),  # Llama, Mistral, Qwen2, Gemma, Phi-3, ...
-    ("attn.c_proj", "mlp.c_proj"),          # GPT-2
-    ("self_attn.dense", "mlp.fc2"),         # Phi (parallel attention + MLP, one shared LayerNorm)
+from evomerge.merge.dfs_model import (
+    RESIDUAL_WRITES,
+    _layer_list,
+    check_pool,
+    cumulative_scales,
+    layer_list_path,
+    plan_config,
+    residual_writes,
 )
-# Norms applied to a sublayer's output before it is added to the stream (Gemma 2/3 "sandwich" norms):
-# their output does not scale with the writes above, so folding as done here would be wrong.
-POST_SUBLAYER_NORMS = ("post_feedforward_layernorm", "post_attention_norm", "post_ffw_norm")
-
-
-def residual_writes(layer: nn.Module) -> tuple[str, str]:
-    """The names (relative to the layer) of the modules whose outputs are added to the stream."""
-    names = {n for n, _ in layer.named_modules()}
-    sandwich = [n for n in names if n.split(".")[-1] in POST_SUBLAYER_NORMS]
-    if sandwich:
-        raise DFSError(f"{type(layer).__name__} normalises sublayer outputs ({sandwich}); folding DFS scales "
-                       "into such layers is not supported")
-    for pair in RESIDUAL_WRITES:
-        if all(p in names for p in pair):
-            return pair
-    raise DFSError(f"{type(layer).__name__}: cannot find its residual writes (known: {RESIDUAL_WRITES}); "
-                   "add this layer family to evomerge.merge.dfs_export.RESIDUAL_WRITES")
-
-
-def cumulative_scales(scales: Sequence[float]) -> list[float]:
-    """c_k = s_0 * ... * s_k: what layer k's residual writes are divided by in the export."""
-    out, c = [], 1.0
-    for s in scales:
-        c *= s
-        out.append(c)
-    return out
+from evomerge.recipe import DFSError, LayerPlan
 
 
 def dfs_tensors(plan: LayerPlan, models: Mapping[str, PreTrainedModel]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -171,3 +144,6 @@ def merge_plan_to_disk(plan: LayerPlan | Mapping[str, Any] | str | Path, out: st
         models = {m: model.to(device).eval() for m, model in models.items()}
         export_dfs(plan, models, out, tokenizer_from=folders[plan.host], max_shard_size=max_shard_size)
     return Path(out)
+
+
+__all__ = ["RESIDUAL_WRITES", "cumulative_scales", "dfs_tensors", "export_dfs", "merge_plan_to_disk", "residual_writes"]

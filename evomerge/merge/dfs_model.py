@@ -4,13 +4,20 @@ A DFS candidate runs a sequence of transformer layers taken from a pool of same-
 multiplying the residual stream by a scale before each hop (see ``evomerge.recipe.LayerPlan``).
 ``build_dfs_model`` makes such a model without copying a weight: every module off the layer list is
 the host's own, and the layer list holds light wrappers (``ScaledLayer``) around the pool's layers.
-The plain-checkpoint export, with the scales folded into the weights, is ``evomerge.merge.dfs_export``.
+
+The model runs the plan in its *folded* form, the form it is exported in (``evomerge.merge.dfs_export``)
+and pushed into a vLLM engine: the stream is never multiplied; instead hop k's residual writes
+(attention output and MLP down projection, biases included) are divided by the cumulative scale
+c_k = s_0 * ... * s_k. In a pre-norm model the two are the same function up to the norms' eps, which
+is not scale-free: a stream scaled small (an early hop scaling the embeddings) moved SmolLM2's
+mean log-prob by 5.9e-4. Running the folded form makes what is searched what is saved; the only
+remaining difference to the export is where the division rounds (outputs here, weights there).
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -26,6 +33,40 @@ except ImportError:  # pragma: no cover - older transformers
 
 # Config entries that hold one value per layer and must follow the layers to their new depth.
 PER_LAYER_CONFIG_KEYS = ("layer_types", "mlp_layer_types", "no_rope_layers")
+
+# Residual writes per layer family: (attention output projection, MLP output projection), as module
+# names relative to one decoder layer. Folding divides their weights and biases.
+RESIDUAL_WRITES: tuple[tuple[str, str], ...] = (
+    ("self_attn.o_proj", "mlp.down_proj"),  # Llama, Mistral, Qwen2, Gemma, Phi-3, ...
+    ("attn.c_proj", "mlp.c_proj"),          # GPT-2
+    ("self_attn.dense", "mlp.fc2"),         # Phi (parallel attention + MLP, one shared LayerNorm)
+)
+# Norms applied to a sublayer's output before it is added to the stream (Gemma 2/3 "sandwich" norms):
+# their output does not scale with the writes above, so folding as done here would be wrong.
+POST_SUBLAYER_NORMS = ("post_feedforward_layernorm", "post_attention_norm", "post_ffw_norm")
+
+
+def residual_writes(layer: nn.Module) -> tuple[str, str]:
+    """The names (relative to the layer) of the modules whose outputs are added to the stream."""
+    names = {n for n, _ in layer.named_modules()}
+    sandwich = [n for n in names if n.split(".")[-1] in POST_SUBLAYER_NORMS]
+    if sandwich:
+        raise DFSError(f"{type(layer).__name__} normalises sublayer outputs ({sandwich}); folding DFS scales "
+                       "into such layers is not supported")
+    for pair in RESIDUAL_WRITES:
+        if all(p in names for p in pair):
+            return pair
+    raise DFSError(f"{type(layer).__name__}: cannot find its residual writes (known: {RESIDUAL_WRITES}); "
+                   "add this layer family to evomerge.merge.dfs_model.RESIDUAL_WRITES")
+
+
+def cumulative_scales(scales: Sequence[float]) -> list[float]:
+    """c_k = s_0 * ... * s_k: what layer k's residual writes are divided by in the folded form."""
+    out, c = [], 1.0
+    for s in scales:
+        c *= s
+        out.append(c)
+    return out
 
 
 
@@ -96,9 +137,19 @@ def plan_config(plan: LayerPlan, models: Mapping[str, PreTrainedModel]) -> Any:
 # In memory: shared layers, scales in a wrapper
 
 
+def _divide_output(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor | None:
+    """Forward hook on a residual write: its output over the divisor of the hop running it (if any)."""
+    divisor = getattr(module, "_evomerge_divisor", 1.0)
+    return output / divisor if divisor != 1.0 else None
+
+
 class ScaledLayer(nn.Module):
-    """One hop of a plan: multiplies the stream by ``scale`` and runs a shared decoder layer as if it
-    sat at depth ``position``.
+    """One hop of a plan in folded form: runs a shared decoder layer as if it sat at depth ``position``,
+    its residual writes divided by ``divisor`` (the cumulative scale of the plan up to this hop).
+
+    The writes of a shared layer are divided by a forward hook installed once on each write module;
+    it divides only while a wrapper has set that module's divisor for the call (calls run one after
+    another, as a forward pass does), so the source models are unchanged between calls.
 
     HF attention modules read and write the KV cache at their own ``layer_idx``. A layer used twice,
     or at a new depth, must use the slot of its position in the plan instead, so for the duration of
@@ -112,25 +163,32 @@ class ScaledLayer(nn.Module):
     instead (see ``_record_hidden_states_on_hops``). Attention weights are not recorded.
     """
 
-    def __init__(self, layer: nn.Module, scale: float, position: int):
+    def __init__(self, layer: nn.Module, divisor: float, position: int):
         super().__init__()
         self.layer = layer
-        self.scale = float(scale)
+        self.divisor = float(divisor)
         self.position = int(position)
         self._indexed = [m for m in layer.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+        self._writes = [layer.get_submodule(w) for w in residual_writes(layer)]
+        for w in self._writes:
+            if not getattr(w, "_evomerge_fold_hook", False):
+                w.register_forward_hook(_divide_output)
+                setattr(w, "_evomerge_fold_hook", True)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if self.scale != 1.0:
-            hidden_states = hidden_states * self.scale
         saved = [m.layer_idx for m in self._indexed]
         for m in self._indexed:
             setattr(m, "layer_idx", self.position)
+        for w in self._writes:
+            setattr(w, "_evomerge_divisor", self.divisor)
         token = _OUTPUT_COLLECTOR.set(None) if _OUTPUT_COLLECTOR is not None else None
         try:
             return self.layer(hidden_states, *args, **kwargs)
         finally:
             if token is not None:
                 _OUTPUT_COLLECTOR.reset(token)
+            for w in self._writes:
+                setattr(w, "_evomerge_divisor", 1.0)
             for m, idx in zip(self._indexed, saved):
                 setattr(m, "layer_idx", idx)
 
@@ -144,7 +202,7 @@ class ScaledLayer(nn.Module):
             return getattr(layer, name)
 
     def extra_repr(self) -> str:
-        return f"scale={self.scale}, position={self.position}"
+        return f"divisor={self.divisor}, position={self.position}"
 
 
 def build_dfs_model(plan: LayerPlan, models: Mapping[str, PreTrainedModel]) -> PreTrainedModel:
@@ -163,8 +221,8 @@ def build_dfs_model(plan: LayerPlan, models: Mapping[str, PreTrainedModel]) -> P
     with torch.device("meta"):
         shell = type(host)(cfg)
     sources = {m: _layer_list(models[m]) for m in plan.members()}
-    hops = nn.ModuleList(ScaledLayer(sources[m][i], s, k)
-                         for k, ((m, i), s) in enumerate(zip(plan.layers, plan.hop_scales)))
+    hops = nn.ModuleList(ScaledLayer(sources[m][i], c, k)
+                         for k, ((m, i), c) in enumerate(zip(plan.layers, cumulative_scales(plan.hop_scales))))
     _graft(shell, host, path.split("."), hops)
     leftover = [n for n, t in [*shell.named_parameters(), *shell.named_buffers()] if t.is_meta]
     if leftover:

@@ -180,6 +180,10 @@ class MergeEngine:
         return (torch.empty(largest, dtype=self.dtype, device=self.device),
                 torch.empty(largest * len(self.others), dtype=self.delta_dtype, device=self.device))
 
+    def base_tensor(self, name: str) -> torch.Tensor:
+        """The base's tensor ``name`` as the engine holds it (on the CPU under every policy but device)."""
+        return self._held(name)[0]
+
     def resident_bytes(self) -> int:
         """Bytes of the base and the task vectors held (wherever the policy holds them)."""
         if self.cache is not None:

@@ -7,8 +7,10 @@ store: it returns results and the driver records them.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -22,7 +24,9 @@ from evomerge.evaluate.base import EvalContext, ItemResponses
 from evomerge.evaluate.registry import make_evaluator, run_fitness
 from evomerge.evaluate.vllm_engine import VllmModel, VllmSettings, require_vllm, vllm_installed
 from evomerge.merge.config import MergeConfig
+from evomerge.merge.dfs_export import dfs_tensors
 from evomerge.merge.dfs_model import build_dfs_model
+from evomerge.merge.dfs_slots import identity_layer, layer_prefix, padded, slot_folder
 from evomerge.merge.engine import MergeEngine, as_dtype
 from evomerge.recipe import Recipe
 
@@ -74,7 +78,7 @@ class Worker:
         self.evaluators = {s: {n: make_evaluator(spec, base_dir) for n, spec in specs.items()}
                            for s, specs in benchmarks.items()}
         self._pool: dict[str, PreTrainedModel] = {}
-        self._merge: MergeConfig | None = None  # the candidate in the vLLM engine (for hf_model on demand)
+        self._recipe: Recipe | None = None  # the candidate in the vLLM engine (for hf_model on demand)
         self.vllm: VllmModel | None = None
         if self.backend == "vllm":
             settings = VllmSettings(**{"dtype": None, **(evaluation or {}).get("vllm", {})})
@@ -82,11 +86,19 @@ class Worker:
                 # a Ray actor given `threads` CPUs: vLLM's own binding would pin every engine on the node
                 # to the same cores; unbound, its OpenMP threads follow OMP_NUM_THREADS like the merge's
                 settings.cpu_threads_bind = "nobind"
-            vllm_dtype = as_dtype(settings.dtype) or self.engine.dtype
-            self.vllm = VllmModel(self.engine.sources.paths[base], vllm_dtype, settings, self.device,
-                                  hf_model=self._hf_candidate)
+            self._vllm_settings = settings
+            self._dfs_slots = (evaluation or {}).get("dfs_slots")
+            self._slots = self.engine.num_layers  # layers of the running engine
+            self._slot_dir: tempfile.TemporaryDirectory[str] | None = None
+            self.vllm = self._start_vllm(self.engine.sources.paths[base])
 
-    # -- data-flow candidates ---------------------------------------------------------------
+    def _start_vllm(self, folder: str | Path, **extra: Any) -> VllmModel:
+        settings = self._vllm_settings
+        if extra:
+            settings = dataclasses.replace(settings, extra={**settings.extra, **extra})
+        return VllmModel(folder, as_dtype(settings.dtype) or self.engine.dtype, settings, self.device,
+                         hf_model=self._hf_candidate)
+
     def set_pool_member(self, name: str, merge: MergeConfig | None = None) -> None:
         """Make ``name`` available to layer plans: a source (sharing what the engine holds, see
         ``MergeEngine.source_model``) or a PS merge (the engine's model itself after materializing
@@ -99,18 +111,50 @@ class Worker:
 
     def _hf_candidate(self) -> torch.nn.Module:
         """The vLLM engine's current candidate as a transformers model (a custom function asked)."""
-        if self._merge is None:
+        if self._recipe is None:
             raise RuntimeError("no candidate has been loaded yet")
-        return self.engine.materialize(self._merge)
+        return self._model(self._recipe)
+
+    def _deepen(self, layers: int) -> None:
+        """Make the vLLM engine hold at least ``layers`` layer slots (a layer plan longer than the host):
+        restart it once with ``dfs_slots`` slots (default twice the host's depth) from dummy weights;
+        every candidate after that fills them, unused slots as identity layers."""
+        if layers <= self._slots:
+            return
+        assert self.vllm is not None
+        depth = max(layers, int(self._dfs_slots or 2 * self.engine.num_layers))
+        self.vllm.close()
+        self._slot_dir = tempfile.TemporaryDirectory(prefix="evomerge-slots-")
+        folder = slot_folder(self.engine.sources.paths[self.engine.base_name], depth, self._slot_dir.name)
+        self.vllm = self._start_vllm(folder, load_format="dummy")
+        self._slots = depth
+
+    def _identity(self) -> tuple[str, dict[str, torch.Tensor]]:
+        """The layer prefix and an identity layer (the base's layer 0, residual writes zero)."""
+        if not hasattr(self, "_identity_layer"):
+            prefix = layer_prefix(self.engine.tensor_names)
+            layer0 = {n[len(prefix) + 2:]: self.engine.base_tensor(n) for n in self.engine.tensor_names
+                      if n.startswith(prefix + "0.")}
+            self._identity_layer = (prefix, identity_layer(layer0))
+        return self._identity_layer
 
     def _load_vllm(self, recipe: Recipe, result: CandidateResult) -> VllmModel:
-        """Stream the merge into the vLLM engine, timing the merge and the push apart."""
-        assert self.vllm is not None
+        """Stream the candidate into the vLLM engine, timing the merge and the push apart: a PS merge
+        tensor by tensor from the merge engine, a layer plan in its folded (exported) form."""
+        tensors: Iterator[tuple[str, torch.Tensor]]
         if recipe.plan is not None:
-            raise ValueError("evaluation.backend: vllm scores parameter-space (PS) recipes; a layer plan (DFS) "
-                             "runs on evaluation.backend: hf")
-        if recipe.merge is None:
+            for member in recipe.plan.members():
+                if member not in self._pool:
+                    self.set_pool_member(member)
+            self._deepen(len(recipe.plan))
+            tensors, used = dfs_tensors(recipe.plan, self._pool), len(recipe.plan)
+        elif recipe.merge is not None:
+            tensors, used = self.engine.stream(recipe.merge), self.engine.num_layers
+        else:
             raise ValueError("a recipe needs a merge config, a layer plan, or both")
+        if used < self._slots:
+            prefix, identity = self._identity()
+            tensors = padded(tensors, used, self._slots, prefix, identity)
         merging = [0.0]
 
         def timed(tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -123,8 +167,9 @@ class Worker:
                 yield item
 
         t0 = time.perf_counter()
-        self._merge = recipe.merge
-        self.vllm.load(timed(self.engine.stream(recipe.merge)))
+        self._recipe = recipe
+        assert self.vllm is not None
+        self.vllm.load(timed(tensors))
         result.merge_seconds = merging[0]
         result.push_seconds = time.perf_counter() - t0 - merging[0]
         return self.vllm
