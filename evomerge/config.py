@@ -451,6 +451,10 @@ class Experiment(Strict):
             raise ValueError(f"fitness.estimator.racing races against a selection cut (CMA-ES's mu best, NSGA-II's "
                              f"population), which searcher '{searcher}' does not have; use searcher cmaes or "
                              f"nsga2, or racing: false")
+        tp = self.evaluation.vllm.tensor_parallel_size
+        if self.evaluation.backend != "hf" and tp > 1 and self.gpus_per_worker < tp:
+            raise ValueError(f"evaluation.vllm.tensor_parallel_size {tp} shards each worker's engine over {tp} GPUs; "
+                             f"set gpus_per_worker: {tp} (now {self.gpus_per_worker:g})")
         if est.kind == "successive_halving" and (searcher == "random" or searcher.startswith("nevergrad:")):
             raise ValueError(f"successive_halving ranks a whole generation at once; searcher '{searcher}' is "
                              f"steady-state: use cmaes, nsga2 or pymoo:<Algorithm>")
