@@ -253,7 +253,8 @@ def test_ctrl_c_saves_and_says_how_to_resume(zoo, tmp_path):
     ({"frobnicate": 1}, "frobnicate"),
     ({"searcher": {"name": "cmaes", "start_from_sources": True}}, "start_from_sources needs a population"),
     ({"evaluation": {"backend": "vllm", "vllm": {"tensor_parallel_size": 2}}}, "set gpus_per_worker: 2"),
-    ({"evaluation": {"backend": "vllm", "vllm": {"kv_cache": "much"}}}, "evaluation.vllm.kv_cache: 'much' is not a size"),
+    ({"evaluation": {"backend": "vllm", "vllm": {"kv_cache": "much"}}},
+     "evaluation.vllm.kv_cache: 'much' is not a size"),
     ({"evaluation": {"backend": "tpu"}}, "evaluation.backend"),
 ])
 def test_bad_experiments_fail_before_any_model_loads(zoo, tmp_path, bad, message):
