@@ -230,7 +230,10 @@ class Worker:
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "device": str(self.device), "resident_bytes": self.engine.resident_bytes(),
                 "tensors": self.engine.tensor_names, "num_layers": self.engine.num_layers,
-                "memory": self.engine.memory_info(), "backend": self.backend}
+                "memory": self.engine.memory_info(), "backend": self.backend,
+                "vllm": None if self.vllm is None else {
+                    "kv_cache_bytes": self.vllm.kv_cache_bytes, "slots": self._slots,
+                    "max_model_len": self.vllm.max_model_len}}
 
 
 BACKENDS = ("hf", "vllm", "auto")
