@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from evomerge.merge import more_methods as mm
+from evomerge.merge.sort_prefix import sorted_prefix_mask
 
 Tensor = torch.Tensor
 
@@ -67,13 +68,6 @@ def _bernoulli_mask(probs: Tensor | float, like: Tensor, generator: Gen) -> Tens
     return torch.bernoulli(full, generator=generator)
 
 
-def _kth_largest(values: Tensor, k: int) -> Tensor:
-    """The k-th largest entry of a 1-D CPU tensor by numpy's introselect (O(n), about 20x faster
-    than a full sort)."""
-    arr = values.numpy()
-    return torch.tensor(np.partition(arr, arr.size - k)[arr.size - k], dtype=values.dtype)
-
-
 def _magnitudes(delta: Tensor) -> Tensor:
     """``|delta|`` flattened, in the dtype mergekit ranks it in: float32 on CPU (so float64 and
     bf16 deltas are ranked on their float32 magnitudes, ties included), the tensor's own dtype on
@@ -85,26 +79,21 @@ def _magnitudes(delta: Tensor) -> Tensor:
 def top_k_mask(delta: Tensor, k: int) -> Tensor:
     """A flat bool mask of the ``k`` entries mergekit 0.1.5's ``magnitude`` keeps, ties included.
 
-    mergekit keeps ``torch.argsort(|delta|, descending=True)[:k]``. That sort is not stable: among
-    entries tied at the k-th magnitude (common with AdamW deltas, which come in multiples of one
-    step) it keeps the ones its introsort happens to place first, which is neither index order nor
-    any rule a selection algorithm could reproduce. So the mask is taken from that same sort, on
-    the same float32 magnitudes, whenever the choice among tied entries matters; only when every
-    entry tied at the threshold is kept (no choice to make) does the O(n) selection decide alone.
-
-    Guarantee: on CPU the kept set equals mergekit's exactly (same torch build: the sort is
-    deterministic for a given input). On CUDA the same ``torch.argsort`` runs on the device in the
-    tensor's dtype, as in mergekit, so it equals mergekit run on that device with the same delta
-    values; the choice among ties then follows torch's CUDA sort and may differ from the CPU's.
-    In every case exactly ``k`` entries are kept and every entry strictly above the k-th magnitude
-    is among them.
+    mergekit keeps ``torch.argsort(|delta|, descending=True)[:k]``, on float32 magnitudes on a CPU.
+    That sort is not stable: among entries tied at the k-th magnitude (common with AdamW deltas,
+    which come in multiples of one step) it keeps those its ``std::sort`` (an introsort) places
+    first, which is not a function of the index. On a CPU the k-th magnitude is found by selection
+    and, when a tie straddles the cut, the sort's choice is reproduced without sorting
+    (:func:`evomerge.merge.sort_prefix.sorted_prefix_mask`, which states the rule); torch's sort
+    runs only where that reproduction cannot decide, so the kept set equals mergekit's exactly.
+    On CUDA the same ``torch.argsort`` runs on the device in the tensor's dtype, as in mergekit,
+    so it equals mergekit run on that device with the same delta values; the choice among ties
+    then follows torch's CUDA sort and may differ from the CPU's. In every case exactly ``k``
+    entries are kept and every entry strictly above the k-th magnitude is among them.
     """
     w = _magnitudes(delta)
     if w.device.type == "cpu":
-        threshold = _kth_largest(w, k)
-        at_least = w >= threshold
-        if int(at_least.sum()) == k:  # no tie straddles the cut
-            return at_least
+        return sorted_prefix_mask(w, k, descending=True)
     mask = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
     mask[torch.argsort(w, descending=True)[:k]] = True
     return mask
@@ -198,7 +187,12 @@ def magnitude_outliers(
     n = delta.numel()
     keep, top = int(density * n), int(gamma * n)
     bottom = max(0, n - keep - top)
-    order = torch.argsort(_magnitudes(delta))  # mergekit's (unstable) sort: the same ties kept
+    w = _magnitudes(delta)
+    if w.device.type == "cpu":  # mergekit's ascending sort's positions [bottom, bottom + keep), unsorted
+        kept = sorted_prefix_mask(w, bottom + keep, descending=False)
+        kept &= ~sorted_prefix_mask(w, bottom, descending=False)
+        return _rescaled(delta, kept.view_as(delta).to(delta.dtype), rescale)
+    order = torch.argsort(w)  # mergekit's (unstable) sort: the same ties kept
     mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
     mask[order[bottom : bottom + keep]] = 1
     return _rescaled(delta, mask.view_as(delta), rescale)
@@ -214,7 +208,10 @@ def della_magprune(
         return delta
     rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
     n = rows.shape[1]
-    ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(rows.dtype)
+    order = rows.abs().argsort(dim=1)  # mergekit's sort, so tied magnitudes get its ranks
+    # mergekit ranks by argsort(order): the inverse permutation, here by a scatter instead of a second sort
+    positions = torch.arange(n, device=rows.device).view(1, n, *([1] * (rows.dim() - 2))).expand_as(order)
+    ranks = torch.empty_like(order).scatter_(1, order, positions).to(rows.dtype)
     rank_norm = ranks / (n - 1) if n > 1 else torch.full_like(rows, 0.5)
     probs = (density - epsilon) + rank_norm * 2 * epsilon
     return _rescaled(rows, _bernoulli_mask(probs, rows, generator), rescale).reshape(delta.shape)

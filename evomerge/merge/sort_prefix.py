@@ -1,0 +1,154 @@
+"""Which entries a CPU ``torch.sort`` puts first, without sorting: mergekit's top-k cut, ties included.
+
+mergekit 0.1.5 prunes by magnitude with a full sort: ``torch.argsort(|d|, descending=True)[:k]``
+(TIES) and ``torch.sort(|d|).indices[n_bot : n_bot + k]`` (breadcrumbs), on float32 magnitudes on a
+CPU. Which of the entries tied at the cut it keeps (fine-tunes made with AdamW have thousands of
+deltas of one magnitude) is decided by that sort, which is not stable and not a function of the
+index: torch's CPU kernel (``aten/src/ATen/native/cpu/SortingKernel.cpp``, ``stable=False``) runs
+``std::sort`` on (value, index) pairs compared by value only, and libstdc++'s ``std::sort`` is an
+introsort whose placement of equal values follows from its partitions.
+
+The rule is therefore the algorithm itself, and this module reproduces the part of it that decides
+the set of the first ``k`` positions, in O(n):
+
+- ``__introsort_loop``: while a range is longer than 16, move the median of (first + 1, middle,
+  last - 1) to ``first`` (``__move_median_to_first``), Hoare-partition the rest around it
+  (``__unguarded_partition``: the left scan stops at an entry not strictly before the pivot, the
+  right scan at one not strictly after it, the two are swapped), and sort both sides; after
+  2 * floor(log2 n) partitions along a path it heap-sorts instead.
+- A partition never moves an entry across its cut afterwards, so the first ``k`` positions hold
+  the left side whole when the cut is at most ``k``, and none of the right side when it is more:
+  only the side that contains position ``k`` needs following (a selection), each level being one
+  vectorised pass (both scans' stopping positions are the entries <= / >= the pivot, paired in
+  order until they cross).
+- ``__final_insertion_sort`` leaves ranges of <= 16 in a stable order of their arrangement at
+  that point, and moves no entry across a cut.
+
+When the path would need the heap-sort fallback (adversarial inputs), when a NaN is present, or
+when the one-time self-check against ``torch.argsort`` on this torch build fails (another standard
+library or sort kernel), the callers sort with torch as mergekit does: the result is mergekit's in
+every case, only the cost differs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+_THRESHOLD = 16  # libstdc++'s _S_threshold
+
+
+def _median_to_first(a: np.ndarray, ix: np.ndarray, m: int) -> None:
+    """``__move_median_to_first(first, first + 1, mid, last - 1)`` for a descending comparator."""
+    mid = m // 2
+    x, y, z = a[1], a[mid], a[m - 1]
+    if x > y:
+        s = mid if y > z else (m - 1 if x > z else 1)
+    elif x > z:
+        s = 1
+    elif y > z:
+        s = m - 1
+    else:
+        s = mid
+    a[0], a[s] = a[s], a[0]
+    ix[0], ix[s] = ix[s], ix[0]
+
+
+def std_sort_prefix(keys: np.ndarray, k: int) -> np.ndarray | None:
+    """The indices that ``std::sort`` of (keys[i], i) by key, descending, places in its first ``k``
+    positions (unordered), or None where the heap-sort fallback or a NaN would decide."""
+    n = int(keys.size)
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if k >= n:
+        return np.arange(n)
+    if np.isnan(keys).any():
+        return None
+    index_dtype = np.int32 if n < 2**31 else np.int64
+    a = np.array(keys, dtype=keys.dtype, copy=True)
+    ix = np.arange(n, dtype=index_dtype)
+    lo, hi = 0, n
+    depth = 2 * (n.bit_length() - 1)
+    kept: list[np.ndarray] = []
+    while hi - lo > _THRESHOLD and lo < k < hi:
+        if depth == 0:
+            return None
+        depth -= 1
+        m = hi - lo
+        _median_to_first(a, ix, m)
+        p = a[0]
+        left = np.flatnonzero(a[1:] <= p) + 1  # where the left scan stops, in order
+        right = np.flatnonzero(a >= p)[::-1]  # where the right scan stops, in order
+        pairs = min(left.size, right.size)
+        crossed = np.flatnonzero(left[:pairs] >= right[:pairs])
+        swaps = int(crossed[0]) if crossed.size else pairs
+        if swaps == 0:
+            cut = int(left[0])
+        elif swaps < left.size:
+            cut = int(min(left[swaps], right[swaps - 1]))
+        else:
+            cut = int(right[swaps - 1])
+        la, ra = left[:swaps], right[:swaps]  # every la < cut <= every ra
+        if lo + cut <= k:  # the left side is all in the prefix: follow the right side
+            moved = ix[la]
+            ix[la] = ix[ra]
+            kept.append(ix[:cut])
+            a[ra] = a[la]
+            ix[ra] = moved
+            a, ix, lo = a[cut:], ix[cut:], lo + cut
+        else:  # none of the right side is: follow the left side
+            a[la] = a[ra]
+            ix[la] = ix[ra]
+            a, ix, hi = a[:cut], ix[:cut], lo + cut
+    if lo < k:
+        if hi <= k:
+            kept.append(ix)
+        else:  # a range of <= 16: the final insertion sort orders it stably
+            kept.append(ix[np.argsort(-a, kind="stable")[: k - lo]])
+    return np.concatenate(kept).astype(np.int64, copy=False) if kept else np.zeros(0, dtype=np.int64)
+
+
+_VERIFIED: bool | None = None
+
+
+def emulation_matches_torch() -> bool:
+    """Whether :func:`std_sort_prefix` reproduces this torch build's CPU ``argsort`` (checked once,
+    on tensors built to tie, at several cuts, both directions)."""
+    global _VERIFIED
+    if _VERIFIED is None:
+        g = torch.Generator().manual_seed(0)
+        ok = True
+        for n, levels in ((5000, 7), (20011, 3), (3000, 1000)):
+            w = torch.randint(0, levels, (n,), generator=g).float()
+            for descending in (True, False):
+                order = torch.argsort(w, descending=descending).numpy()
+                keys = w.numpy() if descending else -w.numpy()
+                for k in (1, n // 3, n // 2 + 1, n - 17):
+                    got = std_sort_prefix(keys, k)
+                    ok = ok and got is not None and np.array_equal(np.sort(got), np.sort(order[:k]))
+        _VERIFIED = ok
+    return _VERIFIED
+
+
+def sorted_prefix_mask(w: torch.Tensor, k: int, descending: bool = True) -> torch.Tensor:
+    """A bool mask (shaped like the 1-D float32 CPU tensor ``w``) of the ``k`` entries that
+    ``torch.sort(w, descending=descending)`` places first, ties at the cut included.
+
+    The k-th value is found by selection (numpy's introselect); when the entries tied at it all fit
+    in the prefix there is no choice to make and the mask is ``w >= it`` (``<=`` ascending). Otherwise
+    the sort's own choice is reproduced by :func:`std_sort_prefix`, and only where that cannot
+    decide does ``torch.argsort`` run."""
+    n = w.numel()
+    if k <= 0 or k >= n:
+        return torch.full((n,), k > 0, dtype=torch.bool)
+    keys = w.numpy() if descending else np.negative(w.numpy())  # descending on -w sorts as ascending on w
+    threshold = np.partition(keys, n - k)[n - k]
+    at_least = keys >= threshold
+    if int(np.count_nonzero(at_least)) == k:
+        return torch.from_numpy(at_least)
+    chosen = std_sort_prefix(keys, k) if emulation_matches_torch() else None
+    if chosen is None:
+        chosen = torch.argsort(w, descending=descending)[:k].numpy()
+    mask = np.zeros(n, dtype=bool)
+    mask[chosen] = True
+    return torch.from_numpy(mask)
