@@ -46,16 +46,18 @@ class FastRng:
         else:
             self._torch = torch.Generator(device=self.device).manual_seed(seed)
 
-    def bernoulli(self, probs: Tensor | float, like: Tensor) -> Tensor:
-        """A 0/1 mask shaped like ``like`` (its dtype), entry j kept with probability ``probs[j]``."""
+    def bernoulli(self, probs: Tensor | float, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """A 0/1 mask shaped like ``like`` (in ``dtype``, default ``like``'s; ``torch.bool`` skips a
+        conversion pass), entry j kept with probability ``probs[j]``."""
+        dtype = like.dtype if dtype is None else dtype
         if self.device.type != "cpu":
             u = torch.rand(like.shape, generator=self._torch, device=self.device, dtype=torch.float32)
-            return (u < probs).to(like.dtype)
+            return (u < probs).to(dtype)
         raw = np.frombuffer(self._np.bytes(2 * like.numel()), dtype=np.uint16).reshape(like.shape)
         if isinstance(probs, Tensor):
             u = torch.from_numpy(raw.astype(np.float32)).add_(0.5).div_(65536.0)
-            return (u < probs.cpu()).to(like.dtype)
-        return torch.from_numpy(raw < min(65536, round(probs * 65536))).to(like.dtype)
+            return (u < probs.cpu()).to(dtype)
+        return torch.from_numpy(raw < min(65536, round(probs * 65536))).to(dtype)
 
 
 Gen = torch.Generator | FastRng | None
@@ -63,7 +65,7 @@ Gen = torch.Generator | FastRng | None
 
 def _bernoulli_mask(probs: Tensor | float, like: Tensor, generator: Gen) -> Tensor:
     if isinstance(generator, FastRng):
-        return generator.bernoulli(probs, like)
+        return generator.bernoulli(probs, like, torch.bool)  # a bool mask multiplies as 0 / 1
     full = probs if isinstance(probs, Tensor) else torch.full_like(like, probs)
     return torch.bernoulli(full, generator=generator)
 
@@ -82,8 +84,8 @@ def top_k_mask(delta: Tensor, k: int) -> Tensor:
     mergekit keeps ``torch.argsort(|delta|, descending=True)[:k]``, on float32 magnitudes on a CPU.
     That sort is not stable: among entries tied at the k-th magnitude (common with AdamW deltas,
     which come in multiples of one step) it keeps those its ``std::sort`` (an introsort) places
-    first, which is not a function of the index. On a CPU the k-th magnitude is found by selection
-    and, when a tie straddles the cut, the sort's choice is reproduced without sorting
+    first, which is not a function of the index. On a CPU that choice is reproduced in O(n) by a
+    selection that follows the sort's own partitions to the cut
     (:func:`evomerge.merge.sort_prefix.sorted_prefix_mask`, which states the rule); torch's sort
     runs only where that reproduction cannot decide, so the kept set equals mergekit's exactly.
     On CUDA the same ``torch.argsort`` runs on the device in the tensor's dtype, as in mergekit,
@@ -141,49 +143,57 @@ class MergeMethod:
 
 
 # --------------------------------------------------------------------------------------------
-# Sparsifiers (mergekit/sparsify.py). Each takes one delta and returns a new tensor.
+# Sparsifiers (mergekit/sparsify.py). Each takes one delta and returns a new tensor, or writes the
+# result into ``out`` (a tensor like ``delta``, which may be ``delta`` itself) and returns it: the
+# task-arithmetic family prunes straight into its stack, with no temporary per delta.
 
 
-def _rescaled(delta: Tensor, mask: Tensor, rescale: bool, eps: float = 1e-7) -> Tensor:
-    """Apply ``mask``; with ``rescale`` match the original L1 norm, as mergekit does (its
-    ``rescaled_masked_tensor`` with ``RescaleNorm.l1``), not DARE's 1/p. Like mergekit, skip the
-    rescale when either norm is below 1e-7. Written with ``torch.where`` to avoid a device sync."""
-    masked = delta * mask
-    if not rescale:
+def _rescaled(delta: Tensor, mask: Tensor, rescale: bool, eps: float = 1e-7, out: Tensor | None = None) -> Tensor:
+    """Apply ``mask`` (0 / 1 or bool); with ``rescale`` match the original L1 norm, as mergekit does
+    (its ``rescaled_masked_tensor`` with ``RescaleNorm.l1``), not DARE's 1/p. Like mergekit, skip
+    the rescale when either norm is below 1e-7. Written with ``torch.where`` to avoid a device sync."""
+    before = delta.abs().sum() if rescale else None  # before ``out`` (maybe ``delta``) is written
+    masked = torch.mul(delta, mask, out=out) if out is not None else delta * mask
+    if before is None:
         return masked
-    before, after = delta.abs().sum(), masked.abs().sum()
+    after = masked.abs().sum()
     tiny = (before < eps) | (after < eps)
-    return masked * torch.where(tiny, torch.ones_like(before), before / after)
+    return masked.mul_(torch.where(tiny, torch.ones_like(before), before / after))
 
 
-def magnitude(delta: Tensor, density: float, rescale: bool, generator: Gen = None) -> Tensor:
+def _unpruned(delta: Tensor, out: Tensor | None) -> Tensor:
+    return delta if out is None or out.data_ptr() == delta.data_ptr() else out.copy_(delta)
+
+
+def magnitude(delta: Tensor, density: float, rescale: bool, generator: Gen = None,
+              out: Tensor | None = None) -> Tensor:
     """TIES pruning: keep the ``max(1, int(density * numel))`` largest ``|delta|`` of the tensor,
     choosing among tied magnitudes exactly as mergekit does (see ``top_k_mask``)."""
-    if density >= 1:
-        return delta
-    if delta.numel() == 0:
-        return torch.zeros_like(delta)
+    if density >= 1 or delta.numel() == 0:
+        return _unpruned(delta, out)
     k = max(1, int(density * delta.numel()))
-    return _rescaled(delta, top_k_mask(delta, k).view_as(delta).to(delta.dtype), rescale)
+    return _rescaled(delta, top_k_mask(delta, k).view_as(delta), rescale, out=out)
 
 
-def bernoulli(delta: Tensor, density: float, rescale: bool, generator: Gen = None) -> Tensor:
+def bernoulli(delta: Tensor, density: float, rescale: bool, generator: Gen = None,
+              out: Tensor | None = None) -> Tensor:
     """DARE: keep each entry with probability ``density`` (with a ``torch.Generator`` one
     ``torch.bernoulli`` over a full probability tensor, as mergekit draws it, so a seeded generator
     reproduces its CPU masks; with a ``FastRng`` the same law, drawn faster)."""
     if density >= 1:
-        return delta
-    return _rescaled(delta, _bernoulli_mask(density, delta, generator), rescale)
+        return _unpruned(delta, out)
+    return _rescaled(delta, _bernoulli_mask(density, delta, generator), rescale, out=out)
 
 
 def magnitude_outliers(
-    delta: Tensor, density: float, rescale: bool, generator: Gen = None, gamma: float = 0.01
+    delta: Tensor, density: float, rescale: bool, generator: Gen = None, gamma: float = 0.01,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Breadcrumbs: drop the top ``int(gamma * n)`` magnitudes (outliers) and enough of the smallest
     to keep exactly ``int(density * n)`` entries (no max(1, .) here). When ``density + gamma`` > 1
     mergekit drops fewer outliers rather than fewer small ones; at density 1 nothing is dropped."""
     if density >= 1:
-        return delta
+        return _unpruned(delta, out)
     n = delta.numel()
     keep, top = int(density * n), int(gamma * n)
     bottom = max(0, n - keep - top)
@@ -191,21 +201,22 @@ def magnitude_outliers(
     if w.device.type == "cpu":  # mergekit's ascending sort's positions [bottom, bottom + keep), unsorted
         kept = sorted_prefix_mask(w, bottom + keep, descending=False)
         kept &= ~sorted_prefix_mask(w, bottom, descending=False)
-        return _rescaled(delta, kept.view_as(delta).to(delta.dtype), rescale)
+        return _rescaled(delta, kept.view_as(delta), rescale, out=out)
     order = torch.argsort(w)  # mergekit's (unstable) sort: the same ties kept
     mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
     mask[order[bottom : bottom + keep]] = 1
-    return _rescaled(delta, mask.view_as(delta), rescale)
+    return _rescaled(delta, mask.view_as(delta), rescale, out=out)
 
 
 def della_magprune(
-    delta: Tensor, density: float, rescale: bool, generator: Gen = None, epsilon: float = 0.15
+    delta: Tensor, density: float, rescale: bool, generator: Gen = None, epsilon: float = 0.15,
+    out: Tensor | None = None,
 ) -> Tensor:
     """DELLA: per row (dim 1; a 1-D tensor is one row) keep entry j with probability
     ``density - eps + 2 eps * rank_j / (n - 1)``, rank 0 the smallest ``|delta|``; the L1 rescale is
     over the whole tensor. A row of one entry gets ``density`` (mergekit divides 0 by 0 there)."""
     if density >= 1:
-        return delta
+        return _unpruned(delta, out)
     rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
     n = rows.shape[1]
     order = rows.abs().argsort(dim=1)  # mergekit's sort, so tied magnitudes get its ranks
@@ -214,7 +225,8 @@ def della_magprune(
     ranks = torch.empty_like(order).scatter_(1, order, positions).to(rows.dtype)
     rank_norm = ranks / (n - 1) if n > 1 else torch.full_like(rows, 0.5)
     probs = (density - epsilon) + rank_norm * 2 * epsilon
-    return _rescaled(rows, _bernoulli_mask(probs, rows, generator), rescale).reshape(delta.shape)
+    mask = _bernoulli_mask(probs, rows, generator)
+    return _rescaled(rows, mask, rescale, out=None if out is None else out.view_as(rows)).reshape(delta.shape)
 
 
 Sparsifier = Callable[..., Tensor]
@@ -283,7 +295,9 @@ def _task_arithmetic_family(
         for i in range(k):
             kwargs = {p: model_params[p][i] for p in extra}
             density = model_params["density"][i]
-            pruned[i] = sparsifier(deltas[i].to(compute), density, global_params["rescale"], generator, **kwargs)
+            slot = pruned[i]
+            delta = slot.copy_(deltas[i]) if deltas.dtype != compute else deltas[i]  # upcast in place
+            sparsifier(delta, density, global_params["rescale"], generator, out=slot, **kwargs)
         deltas = pruned
     weights = [float(w) for w in model_params["weight"]]
     lam = float(global_params["lambda"])

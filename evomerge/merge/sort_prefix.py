@@ -54,6 +54,19 @@ def _median_to_first(a: np.ndarray, ix: np.ndarray, m: int) -> None:
     ix[0], ix[s] = ix[s], ix[0]
 
 
+def _first_crossing(left: np.ndarray, right: np.ndarray) -> int:
+    """The first j with left[j] >= right[j] (left increasing, right decreasing, so the predicate
+    is monotone: a binary search), or the shorter length when they never cross."""
+    lo, hi = 0, min(left.size, right.size)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if left[mid] >= right[mid]:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
 def std_sort_prefix(keys: np.ndarray, k: int) -> np.ndarray | None:
     """The indices that ``std::sort`` of (keys[i], i) by key, descending, places in its first ``k``
     positions (unordered), or None where the heap-sort fallback or a NaN would decide."""
@@ -77,11 +90,9 @@ def std_sort_prefix(keys: np.ndarray, k: int) -> np.ndarray | None:
         m = hi - lo
         _median_to_first(a, ix, m)
         p = a[0]
-        left = np.flatnonzero(a[1:] <= p) + 1  # where the left scan stops, in order
+        left = np.flatnonzero(a <= p)[1:]  # where the left scan stops (from 1: a[0] is the pivot)
         right = np.flatnonzero(a >= p)[::-1]  # where the right scan stops, in order
-        pairs = min(left.size, right.size)
-        crossed = np.flatnonzero(left[:pairs] >= right[:pairs])
-        swaps = int(crossed[0]) if crossed.size else pairs
+        swaps = _first_crossing(left, right)
         if swaps == 0:
             cut = int(left[0])
         elif swaps < left.size:
@@ -105,7 +116,7 @@ def std_sort_prefix(keys: np.ndarray, k: int) -> np.ndarray | None:
             kept.append(ix)
         else:  # a range of <= 16: the final insertion sort orders it stably
             kept.append(ix[np.argsort(-a, kind="stable")[: k - lo]])
-    return np.concatenate(kept).astype(np.int64, copy=False) if kept else np.zeros(0, dtype=np.int64)
+    return np.concatenate(kept) if kept else np.zeros(0, dtype=np.int64)
 
 
 _VERIFIED: bool | None = None
@@ -134,19 +145,23 @@ def sorted_prefix_mask(w: torch.Tensor, k: int, descending: bool = True) -> torc
     """A bool mask (shaped like the 1-D float32 CPU tensor ``w``) of the ``k`` entries that
     ``torch.sort(w, descending=descending)`` places first, ties at the cut included.
 
-    The k-th value is found by selection (numpy's introselect); when the entries tied at it all fit
-    in the prefix there is no choice to make and the mask is ``w >= it`` (``<=`` ascending). Otherwise
-    the sort's own choice is reproduced by :func:`std_sort_prefix`, and only where that cannot
-    decide does ``torch.argsort`` run."""
+    :func:`std_sort_prefix` decides (it is a selection, as fast as numpy's introselect on these
+    tensors, and exact whether or not a tie straddles the cut). Where it cannot (NaN, heap-sort
+    depth) ``torch.argsort`` runs; on a torch build where it fails its self-check, the k-th value
+    is found by numpy's introselect, and only when a tie straddles the cut does ``torch.argsort``
+    run."""
     n = w.numel()
     if k <= 0 or k >= n:
         return torch.full((n,), k > 0, dtype=torch.bool)
     keys = w.numpy() if descending else np.negative(w.numpy())  # descending on -w sorts as ascending on w
-    threshold = np.partition(keys, n - k)[n - k]
-    at_least = keys >= threshold
-    if int(np.count_nonzero(at_least)) == k:
-        return torch.from_numpy(at_least)
-    chosen = std_sort_prefix(keys, k) if emulation_matches_torch() else None
+    if emulation_matches_torch():
+        chosen = std_sort_prefix(keys, k)
+    else:
+        threshold = np.partition(keys, n - k)[n - k]
+        at_least = keys >= threshold
+        if int(np.count_nonzero(at_least)) == k:  # no tie straddles the cut: no choice to make
+            return torch.from_numpy(at_least)
+        chosen = None
     if chosen is None:
         chosen = torch.argsort(w, descending=descending)[:k].numpy()
     mask = np.zeros(n, dtype=bool)
