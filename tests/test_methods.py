@@ -697,3 +697,23 @@ def test_every_sparsifying_method_matches_mergekit_on_tied_deltas(name):
     # sums in another order round differently (1e-7); one tied entry kept instead of another moves
     # an output by a weighted step (>= 6e-5 here)
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("descending", [True, False])
+def test_std_sort_range_equals_torch_sort_positions(descending):
+    """Breadcrumbs' two cuts in one traversal: positions [start, stop) of torch's CPU sort."""
+    from evomerge.merge.sort_prefix import sorted_range_mask, std_sort_range
+
+    rng = np.random.default_rng(11)
+    for trial in range(40):
+        n = int(rng.integers(1, 30000))
+        keys = _tied_keys(n, int(rng.choice([1, 3, 9, 300])), seed=100 + trial)
+        w = torch.from_numpy(keys)
+        order = torch.sort(w, descending=descending).indices.numpy()
+        for start, stop in {(0, n), (n // 3, n // 2), (5, n - 5), tuple(sorted(rng.integers(0, n + 1, 2)))}:
+            got = std_sort_range(keys if descending else -keys, int(start), int(stop))
+            assert got is not None
+            assert np.array_equal(np.sort(got), np.sort(order[start:stop])), (trial, n, start, stop)
+            expected = np.zeros(n, dtype=bool)
+            expected[order[start:stop]] = True
+            assert np.array_equal(sorted_range_mask(w, int(start), int(stop), descending).numpy(), expected)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from evomerge.merge import more_methods as mm
-from evomerge.merge.sort_prefix import sorted_prefix_mask
+from evomerge.merge.sort_prefix import sorted_prefix_mask, sorted_range_mask
 
 Tensor = torch.Tensor
 
@@ -199,8 +199,7 @@ def magnitude_outliers(
     bottom = max(0, n - keep - top)
     w = _magnitudes(delta)
     if w.device.type == "cpu":  # mergekit's ascending sort's positions [bottom, bottom + keep), unsorted
-        kept = sorted_prefix_mask(w, bottom + keep, descending=False)
-        kept &= ~sorted_prefix_mask(w, bottom, descending=False)
+        kept = sorted_range_mask(w, bottom, bottom + keep, descending=False)
         return _rescaled(delta, kept.view_as(delta), rescale, out=out)
     order = torch.argsort(w)  # mergekit's (unstable) sort: the same ties kept
     mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)

@@ -67,56 +67,77 @@ def _first_crossing(left: np.ndarray, right: np.ndarray) -> int:
     return lo
 
 
-def std_sort_prefix(keys: np.ndarray, k: int) -> np.ndarray | None:
-    """The indices that ``std::sort`` of (keys[i], i) by key, descending, places in its first ``k``
-    positions (unordered), or None where the heap-sort fallback or a NaN would decide."""
+def _partition(a: np.ndarray, ix: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """One ``__unguarded_partition_pivot`` on the range ``a`` (moved median to ``a[0]`` in place):
+    the cut and the positions the scans swap (every left one < cut <= every right one); the swaps
+    themselves are left to the caller, which applies only those of the side it follows."""
+    _median_to_first(a, ix, a.size)
+    p = a[0]
+    left = np.flatnonzero(a <= p)[1:]  # where the left scan stops (from 1: a[0] is the pivot)
+    right = np.flatnonzero(a >= p)[::-1]  # where the right scan stops, in order
+    swaps = _first_crossing(left, right)
+    if swaps == 0:
+        cut = int(left[0])
+    elif swaps < left.size:
+        cut = int(min(left[swaps], right[swaps - 1]))
+    else:
+        cut = int(right[swaps - 1])
+    return cut, left[:swaps], right[:swaps]
+
+
+def std_sort_range(keys: np.ndarray, start: int, stop: int) -> np.ndarray | None:
+    """The indices that ``std::sort`` of (keys[i], i) by key, descending, places at positions
+    ``[start, stop)`` (unordered), or None where the heap-sort fallback or a NaN would decide.
+
+    Only ranges that contain ``start`` or ``stop`` are partitioned further (a selection): while both
+    lie in one range, one path; where a cut separates them, one path each."""
     n = int(keys.size)
-    if k <= 0:
+    start, stop = max(0, start), min(n, stop)
+    if start >= stop:
         return np.zeros(0, dtype=np.int64)
-    if k >= n:
+    if start == 0 and stop == n:
         return np.arange(n)
     if np.isnan(keys).any():
         return None
-    index_dtype = np.int32 if n < 2**31 else np.int64
-    a = np.array(keys, dtype=keys.dtype, copy=True)
-    ix = np.arange(n, dtype=index_dtype)
-    lo, hi = 0, n
-    depth = 2 * (n.bit_length() - 1)
+    a0 = np.array(keys, dtype=keys.dtype, copy=True)
+    ix0 = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
     kept: list[np.ndarray] = []
-    while hi - lo > _THRESHOLD and lo < k < hi:
+    # ranges to follow: (keys, indices, global position of the range's first entry, depth left)
+    todo = [(a0, ix0, 0, 2 * (n.bit_length() - 1))]
+    while todo:
+        a, ix, lo, depth = todo.pop()
+        hi = lo + a.size
+        if stop <= lo or hi <= start:
+            continue
+        if start <= lo and hi <= stop:
+            kept.append(ix)
+            continue
+        if a.size <= _THRESHOLD:  # the final insertion sort orders a short range stably
+            kept.append(ix[np.argsort(-a, kind="stable")[max(0, start - lo) : stop - lo]])
+            continue
         if depth == 0:
             return None
-        depth -= 1
-        m = hi - lo
-        _median_to_first(a, ix, m)
-        p = a[0]
-        left = np.flatnonzero(a <= p)[1:]  # where the left scan stops (from 1: a[0] is the pivot)
-        right = np.flatnonzero(a >= p)[::-1]  # where the right scan stops, in order
-        swaps = _first_crossing(left, right)
-        if swaps == 0:
-            cut = int(left[0])
-        elif swaps < left.size:
-            cut = int(min(left[swaps], right[swaps - 1]))
+        cut, la, ra = _partition(a, ix)
+        go_left, go_right = start < lo + cut, lo + cut < stop
+        if go_left and go_right:  # both sides hold part of the range: every swap
+            moved_a, moved_ix = a[la], ix[la]
+            a[la], ix[la] = a[ra], ix[ra]
+            a[ra], ix[ra] = moved_a, moved_ix
+        elif go_right:  # only the side that is followed needs its swapped entries
+            a[ra], ix[ra] = a[la], ix[la]
         else:
-            cut = int(right[swaps - 1])
-        la, ra = left[:swaps], right[:swaps]  # every la < cut <= every ra
-        if lo + cut <= k:  # the left side is all in the prefix: follow the right side
-            moved = ix[la]
-            ix[la] = ix[ra]
-            kept.append(ix[:cut])
-            a[ra] = a[la]
-            ix[ra] = moved
-            a, ix, lo = a[cut:], ix[cut:], lo + cut
-        else:  # none of the right side is: follow the left side
-            a[la] = a[ra]
-            ix[la] = ix[ra]
-            a, ix, hi = a[:cut], ix[:cut], lo + cut
-    if lo < k:
-        if hi <= k:
-            kept.append(ix)
-        else:  # a range of <= 16: the final insertion sort orders it stably
-            kept.append(ix[np.argsort(-a, kind="stable")[: k - lo]])
+            a[la], ix[la] = a[ra], ix[ra]
+        if go_left:
+            todo.append((a[:cut], ix[:cut], lo, depth - 1))
+        if go_right:
+            todo.append((a[cut:], ix[cut:], lo + cut, depth - 1))
     return np.concatenate(kept) if kept else np.zeros(0, dtype=np.int64)
+
+
+def std_sort_prefix(keys: np.ndarray, k: int) -> np.ndarray | None:
+    """The indices that ``std::sort`` of (keys[i], i) by key, descending, places in its first ``k``
+    positions (unordered), or None where the heap-sort fallback or a NaN would decide."""
+    return std_sort_range(keys, 0, k)
 
 
 _VERIFIED: bool | None = None
@@ -141,6 +162,24 @@ def emulation_matches_torch() -> bool:
     return _VERIFIED
 
 
+def sorted_range_mask(w: torch.Tensor, start: int, stop: int, descending: bool = True) -> torch.Tensor:
+    """A bool mask of the entries ``torch.sort(w, descending=descending)`` places at positions
+    ``[start, stop)`` (breadcrumbs' cut at both ends): one traversal, shared until the two cuts part."""
+    n = w.numel()
+    if start <= 0 or stop >= n or emulation_matches_torch():
+        if start <= 0:
+            return sorted_prefix_mask(w, stop, descending)
+        if stop >= n:
+            return ~sorted_prefix_mask(w, start, descending)
+        keys = w.numpy() if descending else np.negative(w.numpy())
+        chosen = std_sort_range(keys, start, stop)
+        if chosen is not None:
+            mask = np.zeros(n, dtype=bool)
+            mask[chosen] = True
+            return torch.from_numpy(mask)
+    return sorted_prefix_mask(w, stop, descending) & ~sorted_prefix_mask(w, start, descending)
+
+
 def sorted_prefix_mask(w: torch.Tensor, k: int, descending: bool = True) -> torch.Tensor:
     """A bool mask (shaped like the 1-D float32 CPU tensor ``w``) of the ``k`` entries that
     ``torch.sort(w, descending=descending)`` places first, ties at the cut included.
@@ -155,7 +194,7 @@ def sorted_prefix_mask(w: torch.Tensor, k: int, descending: bool = True) -> torc
         return torch.full((n,), k > 0, dtype=torch.bool)
     keys = w.numpy() if descending else np.negative(w.numpy())  # descending on -w sorts as ascending on w
     if emulation_matches_torch():
-        chosen = std_sort_prefix(keys, k)
+        chosen = std_sort_range(keys, 0, k)
     else:
         threshold = np.partition(keys, n - k)[n - k]
         at_least = keys >= threshold
