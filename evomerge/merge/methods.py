@@ -240,7 +240,10 @@ def weighted_sum(base: Tensor | None, base_coef: float, stack: Tensor, coefs: Se
     The plain sums (linear, task arithmetic, the sum-consensus methods) are memory-bound. Upcasting
     whole bf16 stacks and combining them op by op makes several full passes over memory; one
     cache-sized float32 accumulator per block reads every input once and writes the output once:
-    measured 1.2 GB/s whole-tensor vs 15-19 GB/s in 1M-element blocks, bf16, 2 cores.
+    measured 1.2 GB/s whole-tensor vs 15-19 GB/s in 1M-element blocks, bf16, 2 cores. When the
+    output is in the compute dtype it is its own accumulator, and the base's copy is fused with the
+    first term (``torch.add(out=, alpha=)``, the kernel ``add_`` runs): 2 fewer passes per block, the
+    same bits.
     """
     shape = stack.shape[1:]
     if out is None:
@@ -250,19 +253,31 @@ def weighted_sum(base: Tensor | None, base_coef: float, stack: Tensor, coefs: Se
     flat_base = base.reshape(-1) if base is not None else None
     terms = [(i, float(c)) for i, c in enumerate(coefs) if float(c) != 0.0]
     n = flat_out.numel()
-    acc_buf = torch.empty(min(n, CHUNK), dtype=compute, device=stack.device)
+    # accumulate in the output itself when it is in the compute dtype (no accumulator, no final copy),
+    # and fuse the base's copy with the first term when no conversion is involved
+    direct = out.dtype == compute
+    fuse = (flat_base is not None and base_coef == 1.0 and bool(terms) and flat_base.dtype == compute
+            and stack.dtype == compute)
+    acc_buf = None if direct else torch.empty(min(n, CHUNK), dtype=compute, device=stack.device)
     for start in range(0, n, CHUNK):
         end = min(n, start + CHUNK)
-        acc = acc_buf[: end - start]
-        if flat_base is not None and base_coef != 0.0:
+        acc = flat_out[start:end] if acc_buf is None else acc_buf[: end - start]
+        rest = terms
+        if fuse:
+            assert flat_base is not None
+            i, c = terms[0]
+            torch.add(flat_base[start:end], flat_stack[i, start:end], alpha=c, out=acc)  # the same kernel as add_
+            rest = terms[1:]
+        elif flat_base is not None and base_coef != 0.0:
             acc.copy_(flat_base[start:end])
             if base_coef != 1.0:
                 acc.mul_(base_coef)
         else:
             acc.zero_()
-        for i, c in terms:
+        for i, c in rest:
             acc.add_(flat_stack[i, start:end], alpha=c)
-        flat_out[start:end].copy_(acc)
+        if acc_buf is not None:
+            flat_out[start:end].copy_(acc)
     return out
 
 
