@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 _THRESHOLD = 16  # libstdc++'s _S_threshold
+SMALL = 1 << 14  # up to this many entries torch's own sort is faster than the emulation's numpy passes
 
 
 def _median_to_first(a: np.ndarray, ix: np.ndarray, m: int) -> None:
@@ -166,6 +167,8 @@ def sorted_range_mask(w: torch.Tensor, start: int, stop: int, descending: bool =
     """A bool mask of the entries ``torch.sort(w, descending=descending)`` places at positions
     ``[start, stop)`` (breadcrumbs' cut at both ends): one traversal, shared until the two cuts part."""
     n = w.numel()
+    if n <= SMALL:
+        return _sorted_by_torch(w, start, stop, descending)
     if start <= 0 or stop >= n or emulation_matches_torch():
         if start <= 0:
             return sorted_prefix_mask(w, stop, descending)
@@ -192,6 +195,8 @@ def sorted_prefix_mask(w: torch.Tensor, k: int, descending: bool = True) -> torc
     n = w.numel()
     if k <= 0 or k >= n:
         return torch.full((n,), k > 0, dtype=torch.bool)
+    if n <= SMALL:
+        return _sorted_by_torch(w, 0, k, descending)
     keys = w.numpy() if descending else np.negative(w.numpy())  # descending on -w sorts as ascending on w
     if emulation_matches_torch():
         chosen = std_sort_range(keys, 0, k)
@@ -206,3 +211,10 @@ def sorted_prefix_mask(w: torch.Tensor, k: int, descending: bool = True) -> torc
     mask = np.zeros(n, dtype=bool)
     mask[chosen] = True
     return torch.from_numpy(mask)
+
+
+def _sorted_by_torch(w: torch.Tensor, start: int, stop: int, descending: bool) -> torch.Tensor:
+    """The mask from torch's sort itself (what mergekit calls), for small tensors."""
+    mask = torch.zeros(w.numel(), dtype=torch.bool)
+    mask[torch.sort(w, descending=descending).indices[max(0, start) : max(0, stop)]] = True
+    return mask
