@@ -63,10 +63,12 @@ class FastRng:
 Gen = torch.Generator | FastRng | None
 
 
-def _bernoulli_mask(probs: Tensor | float, like: Tensor, generator: Gen) -> Tensor:
+def _bernoulli_mask(probs: Tensor | float, like: Tensor, generator: Gen, dtype: torch.dtype | None = None) -> Tensor:
+    """A mask shaped like ``like``: bool from a ``FastRng``; from a ``torch.Generator`` mergekit's
+    ``torch.bernoulli`` over probabilities in ``dtype`` (default ``like``'s)."""
     if isinstance(generator, FastRng):
         return generator.bernoulli(probs, like, torch.bool)  # a bool mask multiplies as 0 / 1
-    full = probs if isinstance(probs, Tensor) else torch.full_like(like, probs)
+    full = probs if isinstance(probs, Tensor) else torch.full_like(like, probs, dtype=dtype)
     return torch.bernoulli(full, generator=generator)
 
 
@@ -194,17 +196,22 @@ def magnitude_outliers(
     mergekit drops fewer outliers rather than fewer small ones; at density 1 nothing is dropped."""
     if density >= 1:
         return _unpruned(delta, out)
+    return _rescaled(delta, _outliers_mask(delta, density, gamma).view_as(delta), rescale, out=out)
+
+
+def _outliers_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
+    """Breadcrumbs' flat mask (density < 1): positions [bottom, bottom + keep) of mergekit's ascending
+    sort of the float32 magnitudes (on a CPU without sorting, ties as that sort places them)."""
     n = delta.numel()
     keep, top = int(density * n), int(gamma * n)
     bottom = max(0, n - keep - top)
     w = _magnitudes(delta)
-    if w.device.type == "cpu":  # mergekit's ascending sort's positions [bottom, bottom + keep), unsorted
-        kept = sorted_range_mask(w, bottom, bottom + keep, descending=False)
-        return _rescaled(delta, kept.view_as(delta), rescale, out=out)
+    if w.device.type == "cpu":
+        return sorted_range_mask(w, bottom, bottom + keep, descending=False)
     order = torch.argsort(w)  # mergekit's (unstable) sort: the same ties kept
     mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
     mask[order[bottom : bottom + keep]] = 1
-    return _rescaled(delta, mask.view_as(delta), rescale, out=out)
+    return mask
 
 
 def della_magprune(
@@ -303,7 +310,10 @@ def _task_arithmetic_family(
     compute = _compute_dtype(base, deltas)
     if k == 0:
         return weighted_sum(base, 1.0, deltas, [], compute, base.dtype, out)
-    if sparsifier is not None:
+    blocks: Callable[[int, int], Tensor] | None = None
+    if sparsifier in (magnitude, bernoulli, magnitude_outliers) and deltas.device.type == "cpu":
+        blocks = _pruned_blocks(deltas, model_params, bool(global_params["rescale"]), generator, sparsifier, compute)
+    elif sparsifier is not None:
         pruned = torch.empty(deltas.shape, dtype=compute, device=deltas.device)
         extra = [p for p in ("gamma", "epsilon") if p in model_params]
         for i in range(k):
@@ -318,13 +328,93 @@ def _task_arithmetic_family(
     if not sign_consensus:
         total = sum(weights)
         divisor = 1.0 if abs(total) < 1e-8 or not global_params["normalize"] else total
-        return weighted_sum(base, 1.0, deltas, [w * lam / divisor for w in weights], compute, base.dtype, out)
+        coefs = [w * lam / divisor for w in weights]
+        if blocks is not None:
+            return _blockwise_sum(base, blocks, coefs, compute, out)
+        return weighted_sum(base, 1.0, deltas, coefs, compute, base.dtype, out)
     return _sign_consensus(base, deltas, weights, bool(global_params["normalize"]), lam,
-                           bool(global_params["int8_mask"]), compute, out)
+                           bool(global_params["int8_mask"]), compute, out, blocks)
+
+
+def _pruned_blocks(deltas: Tensor, model_params: PerModel, rescale: bool, generator: Gen,
+                   sparsifier: Sparsifier, compute: torch.dtype) -> Callable[[int, int], Tensor]:
+    """The sparsified task vectors, produced block by block for the combination that follows.
+
+    Per delta, what needs the whole tensor is computed once: its keep mask (bool: the top-k of
+    ``magnitude``, breadcrumbs' band, DARE's draw) and, with ``rescale``, its L1 factor
+    ``sum|d| / sum|d m|`` (summed block by block; mergekit's skip below 1e-7 kept). A block is then
+    ``d * m * factor`` in the compute dtype, in one reused (k, CHUNK) buffer: no float32 copy of the
+    stack, no full-size temporary per delta. The same products as the whole-tensor sparsifiers; the
+    L1 sums differ from a whole-tensor sum only in summation order."""
+    k = deltas.shape[0]
+    flat = deltas.reshape(k, -1)
+    n = flat.shape[1]
+    masks: list[Tensor | None] = []
+    factors: list[Tensor | None] = []
+    buf = torch.empty((k, min(n, CHUNK)), dtype=compute, device=deltas.device)
+    for i in range(k):
+        density = model_params["density"][i]
+        if density >= 1 or n == 0:
+            masks.append(None)
+            factors.append(None)
+            continue
+        if sparsifier is magnitude:
+            mask = top_k_mask(deltas[i], max(1, int(density * n)))
+        elif sparsifier is magnitude_outliers:
+            mask = _outliers_mask(deltas[i], density, model_params["gamma"][i])
+        else:
+            mask = _bernoulli_mask(density, deltas[i], generator, compute).reshape(-1)
+        masks.append(mask)
+        if not rescale:
+            factors.append(None)
+            continue
+        before = torch.zeros((), dtype=compute, device=deltas.device)
+        after = torch.zeros((), dtype=compute, device=deltas.device)
+        scratch = buf[0]
+        for start in range(0, n, CHUNK):
+            end = min(n, start + CHUNK)
+            b = scratch[: end - start].copy_(flat[i, start:end]).abs_()
+            before += b.sum()
+            after += b.mul_(mask[start:end]).sum()
+        tiny = (before < 1e-7) | (after < 1e-7)
+        factors.append(torch.where(tiny, torch.ones_like(before), before / after))
+
+    def block(start: int, end: int) -> Tensor:
+        out = buf[:, : end - start]
+        out.copy_(flat[:, start:end])
+        for i in range(k):
+            mask, factor = masks[i], factors[i]
+            if mask is not None:
+                out[i].mul_(mask[start:end])
+            if factor is not None:
+                out[i].mul_(factor)
+        return out
+
+    return block
+
+
+def _blockwise_sum(base: Tensor, blocks: Callable[[int, int], Tensor], coefs: list[float], compute: torch.dtype,
+                   out: Tensor | None) -> Tensor:
+    """``base + sum_i coefs[i] * block_i``, block by block, as :func:`weighted_sum` does."""
+    if out is None:
+        out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
+    flat_out, flat_base = out.view(-1), base.reshape(-1)
+    n = flat_out.numel()
+    acc_buf = torch.empty(min(n, CHUNK), dtype=compute, device=base.device)
+    terms = [(i, float(c)) for i, c in enumerate(coefs) if float(c) != 0.0]
+    for start in range(0, n, CHUNK):
+        end = min(n, start + CHUNK)
+        blk = blocks(start, end)
+        acc = acc_buf[: end - start].copy_(flat_base[start:end])
+        for i, c in terms:
+            acc.add_(blk[i], alpha=c)
+        flat_out[start:end].copy_(acc)
+    return out
 
 
 def _sign_consensus(base: Tensor, deltas: Tensor, weights: list[float], normalize: bool, lam: float,
-                    int8_mask: bool, compute: torch.dtype, out: Tensor | None = None) -> Tensor:
+                    int8_mask: bool, compute: torch.dtype, out: Tensor | None = None,
+                    blocks: Callable[[int, int], Tensor] | None = None) -> Tensor:
     """TIES' combination, block by block (each output entry depends only on its own column, so
     blocks give exactly the whole-tensor result, with the temporaries kept in cache).
 
@@ -340,7 +430,7 @@ def _sign_consensus(base: Tensor, deltas: Tensor, weights: list[float], normaliz
     sign_dtype = torch.int8 if int8_mask else compute
     for start in range(0, flat_out.numel(), CHUNK):
         end = min(flat_out.numel(), start + CHUNK)
-        weighted = flat[:, start:end].to(compute) * w
+        weighted = (flat[:, start:end].to(compute) if blocks is None else blocks(start, end)) * w
         majority = (weighted.sum(dim=0) >= 0).to(sign_dtype) * 2 - 1
         mask = weighted.sign().to(sign_dtype) == majority
         mixed = weighted.mul_(mask).sum(dim=0)
