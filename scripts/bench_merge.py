@@ -311,7 +311,7 @@ def time_draws(engine: MergeEngine, reps: int) -> float:
 
 
 def bench_family(label: str, paths: dict[str, Path], reps: int, memcpy: float, dtype: torch.dtype | None,
-                 baseline: bool) -> list[dict]:
+                 baseline: bool, only: list[str] | None = None) -> list[dict]:
     from evomerge.merge import sort_prefix
 
     names = list(paths)
@@ -323,6 +323,8 @@ def bench_family(label: str, paths: dict[str, Path], reps: int, memcpy: float, d
     rows: list[dict] = []
     ta = None
     for method, make in FAMILY.items():
+        if only and method not in only and method != "task_arithmetic":
+            continue
         recipe = MergeConfig.model_validate(make(names))
         ours = time_engine(engine, recipe, reps)
         ta = ours if method == "task_arithmetic" else ta
@@ -373,12 +375,13 @@ def main_family(args: argparse.Namespace) -> None:
             from evomerge.zoo import ensure_zoo
 
             zoo = ensure_zoo()
-            rows += bench_family("zoo (fp32)", {"base": zoo.base, **zoo.experts}, args.reps, memcpy, None, True)
+            rows += bench_family("zoo (fp32)", {"base": zoo.base, **zoo.experts}, args.reps, memcpy, None,
+                                 not args.no_baseline, args.methods)
         if not args.skip_large:
             dtype = getattr(torch, args.large_dtype)
             paths = make_large(work / "large", args.large_hidden, args.large_layers, 3, dtype)
             rows += bench_family(f"llama {args.large_hidden}x{args.large_layers} ({args.large_dtype})", paths,
-                                 max(1, args.reps // 4), memcpy, dtype, True)
+                                 max(1, args.reps // 4), memcpy, dtype, not args.no_baseline, args.methods)
     if args.markdown:
         args.markdown.write_text(family_markdown(rows, memcpy, "python " + " ".join(sys.argv)))
 
@@ -396,6 +399,8 @@ def main() -> None:
                     help="the task-arithmetic family against task_arithmetic, memcpy, DARE's draws alone and the "
                          "previous (sorting) pruning kernel; engine only")
     ap.add_argument("--skip-zoo", action="store_true", help="with --family: only the large model")
+    ap.add_argument("--no-baseline", action="store_true", help="with --family: skip the previous sorting kernel")
+    ap.add_argument("--methods", nargs="+", help="with --family: only these (task_arithmetic is always timed)")
     ap.add_argument("--new-methods", action="store_true",
                     help="time mergekit 0.1.5's newer methods (nuslerp ... ramplus_tl) against task_arithmetic")
     args = ap.parse_args()
