@@ -352,6 +352,9 @@ def _pruned_blocks(deltas: Tensor, model_params: PerModel, rescale: bool, genera
     masks: list[Tensor | None] = []
     factors: list[Tensor | None] = []
     buf = torch.empty((k, min(n, CHUNK)), dtype=compute, device=deltas.device)
+    # a mask block as 0. / 1. in a reused buffer: multiplying by a bool block would convert it into
+    # a fresh float tensor every time (type promotion); the product is the same
+    mbuf = torch.empty(min(n, CHUNK), dtype=compute, device=deltas.device)
     for i in range(k):
         density = model_params["density"][i]
         if density >= 1 or n == 0:
@@ -375,7 +378,7 @@ def _pruned_blocks(deltas: Tensor, model_params: PerModel, rescale: bool, genera
             end = min(n, start + CHUNK)
             b = scratch[: end - start].copy_(flat[i, start:end]).abs_()
             before += b.sum()
-            after += b.mul_(mask[start:end]).sum()
+            after += b.mul_(mbuf[: end - start].copy_(mask[start:end])).sum()
         tiny = (before < 1e-7) | (after < 1e-7)
         factors.append(torch.where(tiny, torch.ones_like(before), before / after))
 
@@ -385,7 +388,7 @@ def _pruned_blocks(deltas: Tensor, model_params: PerModel, rescale: bool, genera
         for i in range(k):
             mask, factor = masks[i], factors[i]
             if mask is not None:
-                out[i].mul_(mask[start:end])
+                out[i].mul_(mbuf[: end - start].copy_(mask[start:end]))
             if factor is not None:
                 out[i].mul_(factor)
         return out
