@@ -11,6 +11,7 @@ counting each resident input once and the output once) against a memcpy measured
     python scripts/bench_merge.py                 # zoo + a ~300M-parameter model
     python scripts/bench_merge.py --skip-large --reps 20
     python scripts/bench_merge.py --new-methods   # the newer methods vs task_arithmetic and mergekit
+    python scripts/bench_merge.py --family        # the task-arithmetic family vs task_arithmetic (engine only)
 """
 
 from __future__ import annotations
@@ -275,6 +276,116 @@ def main_new_methods(args: argparse.Namespace) -> None:
         args.markdown.write_text(new_methods_markdown(rows, "python " + " ".join(sys.argv)))
 
 
+# --------------------------------------------------------------------------------------------------
+# The task-arithmetic family (issue 23): every method against task_arithmetic and memcpy, the random
+# draws alone, and the pruning methods with the previous kernel (a full torch sort at tied cuts)
+
+
+FAMILY = {
+    "task_arithmetic": METHODS["task_arithmetic"],
+    "linear": METHODS["linear"],
+    **{name: (lambda name: lambda names: {"merge_method": name, "base_model": names[0], "models": [
+        {"model": n, "parameters": {"weight": 0.5, "density": 0.5}} for n in names[1:]]})(name)
+       for name in ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear")},
+}
+
+
+def time_draws(engine: MergeEngine, reps: int) -> float:
+    """Seconds to draw the DARE masks alone (density 0.5, every delta of every tensor, as the
+    engine draws them: one ``FastRng`` per tensor), median of ``reps``."""
+    from evomerge.merge.engine import tensor_seed
+    from evomerge.merge.methods import FastRng
+
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        for name in engine.tensor_names:
+            stack = engine._held(name)[1]
+            if stack is None:
+                continue
+            rng = FastRng(tensor_seed(0, name))
+            for row in stack:
+                rng.bernoulli(0.5, row, torch.bool)
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def bench_family(label: str, paths: dict[str, Path], reps: int, memcpy: float, dtype: torch.dtype | None,
+                 baseline: bool, only: list[str] | None = None) -> list[dict]:
+    from evomerge.merge import sort_prefix
+
+    names = list(paths)
+    engine = MergeEngine(paths, base=names[0], dtype=dtype)
+    assert engine.model is not None  # a new engine holds its model until detach_model()
+    n_params = sum(p.numel() for p in engine.model.parameters())
+    model_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    print(f"\n== family, {label}: {n_params / 1e6:.1f}M parameters x {len(names)} models, {engine.dtype}")
+    rows: list[dict] = []
+    ta = None
+    for method, make in FAMILY.items():
+        if only and method not in only and method != "task_arithmetic":
+            continue
+        recipe = MergeConfig.model_validate(make(names))
+        ours = time_engine(engine, recipe, reps)
+        ta = ours if method == "task_arithmetic" else ta
+        traffic = (len(names) + 1) * model_bytes
+        row: dict[str, Any] = {"set": label, "method": method, "engine_s": ours, "vs_ta": ours / ta if ta else 1.0,
+                               "pct_memcpy": 100 * traffic / ours / memcpy}
+        if baseline and method in ("ties", "breadcrumbs", "breadcrumbs_ties"):
+            sort_prefix._VERIFIED = False  # the previous kernel: introselect, then torch's sort at a tied cut
+            try:
+                t = time.perf_counter()
+                engine.materialize(recipe)
+                row["sort_kernel_s"] = time.perf_counter() - t
+            finally:
+                sort_prefix._VERIFIED = None
+        if method == "dare_ties":
+            row["draws_s"] = time_draws(engine, reps)
+        rows.append(row)
+        extra = (f" | previous sort kernel {row['sort_kernel_s'] * 1e3:9.1f} ms ({row['sort_kernel_s'] / ours:4.1f}x)"
+                 if "sort_kernel_s" in row else "")
+        extra += f" | DARE draws alone {row['draws_s'] * 1e3:8.1f} ms" if "draws_s" in row else ""
+        print(f"{method:16s} engine {ours * 1e3:9.1f} ms ({row['vs_ta']:5.1f}x task_arithmetic, "
+              f"{row['pct_memcpy']:5.1f}% of memcpy){extra}", flush=True)
+    del engine
+    return rows
+
+
+def family_markdown(rows: list[dict], memcpy: float, command: str) -> str:
+    lines = [f"Command: `{command}`", "", f"memcpy bandwidth (read + write): {memcpy / 1e9:.2f} GB/s", "",
+             "| model | method | engine | vs task_arithmetic | % of memcpy | previous sort kernel | DARE draws alone |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        sk = ""
+        if "sort_kernel_s" in r:
+            sk = f"{r['sort_kernel_s'] * 1e3:.0f} ms ({r['sort_kernel_s'] / r['engine_s']:.1f}x)"
+        dr = f"{r['draws_s'] * 1e3:.0f} ms" if "draws_s" in r else ""
+        lines.append(f"| {r['set']} | {r['method']} | {r['engine_s'] * 1e3:.1f} ms | {r['vs_ta']:.1f}x | "
+                     f"{r['pct_memcpy']:.0f}% | {sk} | {dr} |")
+    return "\n".join(lines) + "\n"
+
+
+def main_family(args: argparse.Namespace) -> None:
+    memcpy = memcpy_bandwidth()
+    print(f"memcpy bandwidth (read + write): {memcpy / 1e9:.2f} GB/s; torch threads {torch.get_num_threads()}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if not args.skip_zoo:
+            from evomerge.zoo import ensure_zoo
+
+            zoo = ensure_zoo()
+            rows += bench_family("zoo (fp32)", {"base": zoo.base, **zoo.experts}, args.reps, memcpy, None,
+                                 not args.no_baseline, args.methods)
+        if not args.skip_large:
+            dtype = getattr(torch, args.large_dtype)
+            paths = make_large(work / "large", args.large_hidden, args.large_layers, 3, dtype)
+            rows += bench_family(f"llama {args.large_hidden}x{args.large_layers} ({args.large_dtype})", paths,
+                                 max(1, args.reps // 4), memcpy, dtype, not args.no_baseline, args.methods)
+    if args.markdown:
+        args.markdown.write_text(family_markdown(rows, memcpy, "python " + " ".join(sys.argv)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=10)
@@ -284,12 +395,21 @@ def main() -> None:
     ap.add_argument("--large-layers", type=int, default=16)
     ap.add_argument("--large-dtype", default="bfloat16")
     ap.add_argument("--markdown", type=Path, help="also write the table to this file")
+    ap.add_argument("--family", action="store_true",
+                    help="the task-arithmetic family against task_arithmetic, memcpy, DARE's draws alone and the "
+                         "previous (sorting) pruning kernel; engine only")
+    ap.add_argument("--skip-zoo", action="store_true", help="with --family: only the large model")
+    ap.add_argument("--no-baseline", action="store_true", help="with --family: skip the previous sorting kernel")
+    ap.add_argument("--methods", nargs="+", help="with --family: only these (task_arithmetic is always timed)")
     ap.add_argument("--new-methods", action="store_true",
                     help="time mergekit 0.1.5's newer methods (nuslerp ... ramplus_tl) against task_arithmetic")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.new_methods:
         main_new_methods(args)
+        return
+    if args.family:
+        main_family(args)
         return
     memcpy = memcpy_bandwidth()
     print(f"memcpy bandwidth (read + write): {memcpy / 1e9:.2f} GB/s; torch threads {torch.get_num_threads()}")

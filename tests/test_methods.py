@@ -594,3 +594,126 @@ def test_magnitude_keeps_exactly_k_with_ties():
     out = magnitude(d, 0.5, rescale=False)  # k = 4: 3, 2 and two of the four tied 1s
     assert int((out != 0).sum()) == 4 and out[0] == 3 and out[6] == 2
     assert torch.equal(top_k_mask(d, 6), d.abs() >= 1)  # all ties kept: no choice to make
+
+
+# ------------------------------------------------- the sort's choice among ties, reproduced without sorting
+
+
+def _tied_keys(n: int, levels: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, levels, n).astype(np.float32) * np.float32(2e-4)
+
+
+def test_sort_emulation_is_verified_on_this_torch_build():
+    from evomerge.merge.sort_prefix import emulation_matches_torch
+
+    assert emulation_matches_torch()  # else every tie falls back to torch's sort (still exact, slower)
+
+
+@pytest.mark.parametrize("descending", [True, False])
+def test_std_sort_prefix_equals_torch_argsort_prefix(descending):
+    """The entries torch's CPU argsort puts in its first k positions, on tensors built to tie (a few
+    levels to many, small ranges to several partitions deep), at many cuts."""
+    from evomerge.merge.sort_prefix import sorted_prefix_mask, std_sort_prefix
+
+    rng = np.random.default_rng(7)
+    for trial in range(60):
+        n = int(rng.integers(1, 40000))
+        levels = int(rng.choice([1, 2, 9, 50, 4000]))
+        keys = _tied_keys(n, levels, seed=trial)
+        w = torch.from_numpy(keys)
+        order = torch.argsort(w, descending=descending).numpy()
+        for k in {0, 1, n // 2, int(rng.integers(0, n + 1)), n}:
+            got = std_sort_prefix(keys if descending else -keys, k)
+            assert got is not None
+            assert np.array_equal(np.sort(got), np.sort(order[:k])), (trial, n, levels, k)
+            expected = np.zeros(n, dtype=bool)
+            expected[order[:k]] = True
+            assert np.array_equal(sorted_prefix_mask(w, k, descending).numpy(), expected)
+
+
+def test_std_sort_prefix_declines_nan():
+    from evomerge.merge.sort_prefix import sorted_prefix_mask, std_sort_prefix
+
+    keys = _tied_keys(1000, 3, seed=1)
+    keys[17] = np.nan
+    assert std_sort_prefix(keys, 400) is None
+    w = torch.from_numpy(keys)
+    expected = np.zeros(1000, dtype=bool)
+    expected[torch.argsort(w, descending=True)[:400].numpy()] = True
+    assert np.array_equal(sorted_prefix_mask(w, 400).numpy(), expected)  # torch's sort decides
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_every_sparsifier_keeps_what_mergekit_keeps_on_tied_deltas(dtype):
+    """Each of mergekit's four sparsifiers against ours on AdamW-like deltas (thousands of ties at
+    every cut); the random ones with the same torch seed, so their masks must be equal too."""
+    from evomerge.merge.methods import bernoulli, della_magprune, magnitude, magnitude_outliers
+
+    sparsify = pytest.importorskip("mergekit.sparsify")
+    for shape in [(8,), (96, 40), (400, 700)]:
+        d = _quantized_deltas(1, shape, seed=len(shape) + shape[0])[0].to(dtype)
+        for density in (0.15, 0.5, 0.77):
+            for rescale in (False, True):
+                norm = sparsify.RescaleNorm.l1 if rescale else None
+                assert torch.equal(magnitude(d, density, rescale), sparsify.magnitude(d, density, norm))
+                for gamma in (0.0, 0.01, 0.3):
+                    assert torch.equal(magnitude_outliers(d, density, rescale, gamma=gamma),
+                                       sparsify.magnitude_outliers(d, density, norm, gamma=gamma))
+                if dtype != torch.float32:
+                    continue  # mergekit draws in bf16 for bf16 and in float32 for float64 (evomerge: float32 / 64)
+                with torch.random.fork_rng():
+                    torch.manual_seed(5)
+                    theirs = sparsify.della_magprune(d, density, 0.1, norm)
+                    torch.manual_seed(5)
+                    theirs_dare = sparsify.bernoulli(d, density, norm)
+                ours = della_magprune(d, density, rescale, _gen(5), epsilon=0.1)
+                torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
+                assert torch.equal(ours != 0, theirs != 0)
+                ours_dare = bernoulli(d, density, rescale, _gen(5))
+                assert torch.equal(ours_dare != 0, theirs_dare != 0)
+
+
+@pytest.mark.parametrize("name", [*TA_FAMILY, "sce"])
+def test_every_sparsifying_method_matches_mergekit_on_tied_deltas(name):
+    """Whole merges on tied deltas (three experts in multiples of one step) against mergekit's
+    ``merge_tensors``: which tied entries each method keeps decides the result."""
+    base = torch.randn(300, 256, generator=_gen(8))
+    deltas = _quantized_deltas(3, (300, 256), seed=9)
+    stack = torch.stack([(base + d) - base for d in deltas])
+    if name == "sce":
+        model_params, glob = {}, {"select_topk": 0.4}
+    else:
+        model_params = {"weight": [0.7, 0.5, 0.3], "density": [0.6, 0.4, 0.5]}
+        glob = {"rescale": True} if name.startswith("della") or name.startswith("dare") else {}
+        if name.startswith("breadcrumbs"):
+            model_params["gamma"] = [0.02, 0.01, 0.05]
+        if name.startswith("della"):
+            model_params["epsilon"] = [0.1, 0.1, 0.2]
+    with torch.random.fork_rng():
+        torch.manual_seed(13)
+        expected = _mergekit_merge(name, base, list(deltas), {**model_params, **glob})
+    out = merge_tensor(get_method(name), base, stack, model_params, glob, _gen(13))
+    # sums in another order round differently (1e-7); one tied entry kept instead of another moves
+    # an output by a weighted step (>= 6e-5 here)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("descending", [True, False])
+def test_std_sort_range_equals_torch_sort_positions(descending):
+    """Breadcrumbs' two cuts in one traversal: positions [start, stop) of torch's CPU sort."""
+    from evomerge.merge.sort_prefix import sorted_range_mask, std_sort_range
+
+    rng = np.random.default_rng(11)
+    for trial in range(40):
+        n = int(rng.integers(1, 30000))
+        keys = _tied_keys(n, int(rng.choice([1, 3, 9, 300])), seed=100 + trial)
+        w = torch.from_numpy(keys)
+        order = torch.sort(w, descending=descending).indices.numpy()
+        for start, stop in {(0, n), (n // 3, n // 2), (5, n - 5), tuple(sorted(rng.integers(0, n + 1, 2)))}:
+            got = std_sort_range(keys if descending else -keys, int(start), int(stop))
+            assert got is not None
+            assert np.array_equal(np.sort(got), np.sort(order[start:stop])), (trial, n, start, stop)
+            expected = np.zeros(n, dtype=bool)
+            expected[order[start:stop]] = True
+            assert np.array_equal(sorted_range_mask(w, int(start), int(stop), descending).numpy(), expected)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from evomerge.merge import more_methods as mm
+from evomerge.merge.sort_prefix import sorted_prefix_mask, sorted_range_mask
 
 Tensor = torch.Tensor
 
@@ -45,33 +46,30 @@ class FastRng:
         else:
             self._torch = torch.Generator(device=self.device).manual_seed(seed)
 
-    def bernoulli(self, probs: Tensor | float, like: Tensor) -> Tensor:
-        """A 0/1 mask shaped like ``like`` (its dtype), entry j kept with probability ``probs[j]``."""
+    def bernoulli(self, probs: Tensor | float, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """A 0/1 mask shaped like ``like`` (in ``dtype``, default ``like``'s; ``torch.bool`` skips a
+        conversion pass), entry j kept with probability ``probs[j]``."""
+        dtype = like.dtype if dtype is None else dtype
         if self.device.type != "cpu":
             u = torch.rand(like.shape, generator=self._torch, device=self.device, dtype=torch.float32)
-            return (u < probs).to(like.dtype)
+            return (u < probs).to(dtype)
         raw = np.frombuffer(self._np.bytes(2 * like.numel()), dtype=np.uint16).reshape(like.shape)
         if isinstance(probs, Tensor):
             u = torch.from_numpy(raw.astype(np.float32)).add_(0.5).div_(65536.0)
-            return (u < probs.cpu()).to(like.dtype)
-        return torch.from_numpy(raw < min(65536, round(probs * 65536))).to(like.dtype)
+            return (u < probs.cpu()).to(dtype)
+        return torch.from_numpy(raw < min(65536, round(probs * 65536))).to(dtype)
 
 
 Gen = torch.Generator | FastRng | None
 
 
-def _bernoulli_mask(probs: Tensor | float, like: Tensor, generator: Gen) -> Tensor:
+def _bernoulli_mask(probs: Tensor | float, like: Tensor, generator: Gen, dtype: torch.dtype | None = None) -> Tensor:
+    """A mask shaped like ``like``: bool from a ``FastRng``; from a ``torch.Generator`` mergekit's
+    ``torch.bernoulli`` over probabilities in ``dtype`` (default ``like``'s)."""
     if isinstance(generator, FastRng):
-        return generator.bernoulli(probs, like)
-    full = probs if isinstance(probs, Tensor) else torch.full_like(like, probs)
+        return generator.bernoulli(probs, like, torch.bool)  # a bool mask multiplies as 0 / 1
+    full = probs if isinstance(probs, Tensor) else torch.full_like(like, probs, dtype=dtype)
     return torch.bernoulli(full, generator=generator)
-
-
-def _kth_largest(values: Tensor, k: int) -> Tensor:
-    """The k-th largest entry of a 1-D CPU tensor by numpy's introselect (O(n), about 20x faster
-    than a full sort)."""
-    arr = values.numpy()
-    return torch.tensor(np.partition(arr, arr.size - k)[arr.size - k], dtype=values.dtype)
 
 
 def _magnitudes(delta: Tensor) -> Tensor:
@@ -85,26 +83,21 @@ def _magnitudes(delta: Tensor) -> Tensor:
 def top_k_mask(delta: Tensor, k: int) -> Tensor:
     """A flat bool mask of the ``k`` entries mergekit 0.1.5's ``magnitude`` keeps, ties included.
 
-    mergekit keeps ``torch.argsort(|delta|, descending=True)[:k]``. That sort is not stable: among
-    entries tied at the k-th magnitude (common with AdamW deltas, which come in multiples of one
-    step) it keeps the ones its introsort happens to place first, which is neither index order nor
-    any rule a selection algorithm could reproduce. So the mask is taken from that same sort, on
-    the same float32 magnitudes, whenever the choice among tied entries matters; only when every
-    entry tied at the threshold is kept (no choice to make) does the O(n) selection decide alone.
-
-    Guarantee: on CPU the kept set equals mergekit's exactly (same torch build: the sort is
-    deterministic for a given input). On CUDA the same ``torch.argsort`` runs on the device in the
-    tensor's dtype, as in mergekit, so it equals mergekit run on that device with the same delta
-    values; the choice among ties then follows torch's CUDA sort and may differ from the CPU's.
-    In every case exactly ``k`` entries are kept and every entry strictly above the k-th magnitude
-    is among them.
+    mergekit keeps ``torch.argsort(|delta|, descending=True)[:k]``, on float32 magnitudes on a CPU.
+    That sort is not stable: among entries tied at the k-th magnitude (common with AdamW deltas,
+    which come in multiples of one step) it keeps those its ``std::sort`` (an introsort) places
+    first, which is not a function of the index. On a CPU that choice is reproduced in O(n) by a
+    selection that follows the sort's own partitions to the cut
+    (:func:`evomerge.merge.sort_prefix.sorted_prefix_mask`, which states the rule); torch's sort
+    runs only where that reproduction cannot decide, so the kept set equals mergekit's exactly.
+    On CUDA the same ``torch.argsort`` runs on the device in the tensor's dtype, as in mergekit,
+    so it equals mergekit run on that device with the same delta values; the choice among ties
+    then follows torch's CUDA sort and may differ from the CPU's. In every case exactly ``k``
+    entries are kept and every entry strictly above the k-th magnitude is among them.
     """
     w = _magnitudes(delta)
     if w.device.type == "cpu":
-        threshold = _kth_largest(w, k)
-        at_least = w >= threshold
-        if int(at_least.sum()) == k:  # no tie straddles the cut
-            return at_least
+        return sorted_prefix_mask(w, k, descending=True)
     mask = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
     mask[torch.argsort(w, descending=True)[:k]] = True
     return mask
@@ -152,72 +145,94 @@ class MergeMethod:
 
 
 # --------------------------------------------------------------------------------------------
-# Sparsifiers (mergekit/sparsify.py). Each takes one delta and returns a new tensor.
+# Sparsifiers (mergekit/sparsify.py). Each takes one delta and returns a new tensor, or writes the
+# result into ``out`` (a tensor like ``delta``, which may be ``delta`` itself) and returns it: the
+# task-arithmetic family prunes straight into its stack, with no temporary per delta.
 
 
-def _rescaled(delta: Tensor, mask: Tensor, rescale: bool, eps: float = 1e-7) -> Tensor:
-    """Apply ``mask``; with ``rescale`` match the original L1 norm, as mergekit does (its
-    ``rescaled_masked_tensor`` with ``RescaleNorm.l1``), not DARE's 1/p. Like mergekit, skip the
-    rescale when either norm is below 1e-7. Written with ``torch.where`` to avoid a device sync."""
-    masked = delta * mask
-    if not rescale:
+def _rescaled(delta: Tensor, mask: Tensor, rescale: bool, eps: float = 1e-7, out: Tensor | None = None) -> Tensor:
+    """Apply ``mask`` (0 / 1 or bool); with ``rescale`` match the original L1 norm, as mergekit does
+    (its ``rescaled_masked_tensor`` with ``RescaleNorm.l1``), not DARE's 1/p. Like mergekit, skip
+    the rescale when either norm is below 1e-7. Written with ``torch.where`` to avoid a device sync."""
+    before = delta.abs().sum() if rescale else None  # before ``out`` (maybe ``delta``) is written
+    masked = torch.mul(delta, mask, out=out) if out is not None else delta * mask
+    if before is None:
         return masked
-    before, after = delta.abs().sum(), masked.abs().sum()
+    after = masked.abs().sum()
     tiny = (before < eps) | (after < eps)
-    return masked * torch.where(tiny, torch.ones_like(before), before / after)
+    return masked.mul_(torch.where(tiny, torch.ones_like(before), before / after))
 
 
-def magnitude(delta: Tensor, density: float, rescale: bool, generator: Gen = None) -> Tensor:
+def _unpruned(delta: Tensor, out: Tensor | None) -> Tensor:
+    return delta if out is None or out.data_ptr() == delta.data_ptr() else out.copy_(delta)
+
+
+def magnitude(delta: Tensor, density: float, rescale: bool, generator: Gen = None,
+              out: Tensor | None = None) -> Tensor:
     """TIES pruning: keep the ``max(1, int(density * numel))`` largest ``|delta|`` of the tensor,
     choosing among tied magnitudes exactly as mergekit does (see ``top_k_mask``)."""
-    if density >= 1:
-        return delta
-    if delta.numel() == 0:
-        return torch.zeros_like(delta)
+    if density >= 1 or delta.numel() == 0:
+        return _unpruned(delta, out)
     k = max(1, int(density * delta.numel()))
-    return _rescaled(delta, top_k_mask(delta, k).view_as(delta).to(delta.dtype), rescale)
+    return _rescaled(delta, top_k_mask(delta, k).view_as(delta), rescale, out=out)
 
 
-def bernoulli(delta: Tensor, density: float, rescale: bool, generator: Gen = None) -> Tensor:
+def bernoulli(delta: Tensor, density: float, rescale: bool, generator: Gen = None,
+              out: Tensor | None = None) -> Tensor:
     """DARE: keep each entry with probability ``density`` (with a ``torch.Generator`` one
     ``torch.bernoulli`` over a full probability tensor, as mergekit draws it, so a seeded generator
     reproduces its CPU masks; with a ``FastRng`` the same law, drawn faster)."""
     if density >= 1:
-        return delta
-    return _rescaled(delta, _bernoulli_mask(density, delta, generator), rescale)
+        return _unpruned(delta, out)
+    return _rescaled(delta, _bernoulli_mask(density, delta, generator), rescale, out=out)
 
 
 def magnitude_outliers(
-    delta: Tensor, density: float, rescale: bool, generator: Gen = None, gamma: float = 0.01
+    delta: Tensor, density: float, rescale: bool, generator: Gen = None, gamma: float = 0.01,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Breadcrumbs: drop the top ``int(gamma * n)`` magnitudes (outliers) and enough of the smallest
     to keep exactly ``int(density * n)`` entries (no max(1, .) here). When ``density + gamma`` > 1
     mergekit drops fewer outliers rather than fewer small ones; at density 1 nothing is dropped."""
     if density >= 1:
-        return delta
+        return _unpruned(delta, out)
+    return _rescaled(delta, _outliers_mask(delta, density, gamma).view_as(delta), rescale, out=out)
+
+
+def _outliers_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
+    """Breadcrumbs' flat mask (density < 1): positions [bottom, bottom + keep) of mergekit's ascending
+    sort of the float32 magnitudes (on a CPU without sorting, ties as that sort places them)."""
     n = delta.numel()
     keep, top = int(density * n), int(gamma * n)
     bottom = max(0, n - keep - top)
-    order = torch.argsort(_magnitudes(delta))  # mergekit's (unstable) sort: the same ties kept
+    w = _magnitudes(delta)
+    if w.device.type == "cpu":
+        return sorted_range_mask(w, bottom, bottom + keep, descending=False)
+    order = torch.argsort(w)  # mergekit's (unstable) sort: the same ties kept
     mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
     mask[order[bottom : bottom + keep]] = 1
-    return _rescaled(delta, mask.view_as(delta), rescale)
+    return mask
 
 
 def della_magprune(
-    delta: Tensor, density: float, rescale: bool, generator: Gen = None, epsilon: float = 0.15
+    delta: Tensor, density: float, rescale: bool, generator: Gen = None, epsilon: float = 0.15,
+    out: Tensor | None = None,
 ) -> Tensor:
     """DELLA: per row (dim 1; a 1-D tensor is one row) keep entry j with probability
     ``density - eps + 2 eps * rank_j / (n - 1)``, rank 0 the smallest ``|delta|``; the L1 rescale is
     over the whole tensor. A row of one entry gets ``density`` (mergekit divides 0 by 0 there)."""
     if density >= 1:
-        return delta
+        return _unpruned(delta, out)
     rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
     n = rows.shape[1]
-    ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(rows.dtype)
+    order = rows.abs().argsort(dim=1)  # mergekit's sort, so tied magnitudes get its ranks
+    # mergekit ranks by argsort(order): the inverse permutation, here by a scatter instead of a second sort
+    positions = torch.arange(n, device=rows.device).view(1, n, *([1] * (rows.dim() - 2))).expand_as(order)
+    ranks = torch.empty_like(order).scatter_(1, order, positions).to(rows.dtype)
     rank_norm = ranks / (n - 1) if n > 1 else torch.full_like(rows, 0.5)
     probs = (density - epsilon) + rank_norm * 2 * epsilon
-    return _rescaled(rows, _bernoulli_mask(probs, rows, generator), rescale).reshape(delta.shape)
+    mask = _bernoulli_mask(probs, rows, generator)
+    return _rescaled(rows, mask, rescale, out=None if out is None else out.view_as(rows)).reshape(delta.shape)
 
 
 Sparsifier = Callable[..., Tensor]
@@ -232,7 +247,10 @@ def weighted_sum(base: Tensor | None, base_coef: float, stack: Tensor, coefs: Se
     The plain sums (linear, task arithmetic, the sum-consensus methods) are memory-bound. Upcasting
     whole bf16 stacks and combining them op by op makes several full passes over memory; one
     cache-sized float32 accumulator per block reads every input once and writes the output once:
-    measured 1.2 GB/s whole-tensor vs 15-19 GB/s in 1M-element blocks, bf16, 2 cores.
+    measured 1.2 GB/s whole-tensor vs 15-19 GB/s in 1M-element blocks, bf16, 2 cores. When the
+    output is in the compute dtype it is its own accumulator, and the base's copy is fused with the
+    first term (``torch.add(out=, alpha=)``, the kernel ``add_`` runs): 2 fewer passes per block, the
+    same bits.
     """
     shape = stack.shape[1:]
     if out is None:
@@ -242,19 +260,31 @@ def weighted_sum(base: Tensor | None, base_coef: float, stack: Tensor, coefs: Se
     flat_base = base.reshape(-1) if base is not None else None
     terms = [(i, float(c)) for i, c in enumerate(coefs) if float(c) != 0.0]
     n = flat_out.numel()
-    acc_buf = torch.empty(min(n, CHUNK), dtype=compute, device=stack.device)
+    # accumulate in the output itself when it is in the compute dtype (no accumulator, no final copy),
+    # and fuse the base's copy with the first term when no conversion is involved
+    direct = out.dtype == compute
+    fuse = (flat_base is not None and base_coef == 1.0 and bool(terms) and flat_base.dtype == compute
+            and stack.dtype == compute)
+    acc_buf = None if direct else torch.empty(min(n, CHUNK), dtype=compute, device=stack.device)
     for start in range(0, n, CHUNK):
         end = min(n, start + CHUNK)
-        acc = acc_buf[: end - start]
-        if flat_base is not None and base_coef != 0.0:
+        acc = flat_out[start:end] if acc_buf is None else acc_buf[: end - start]
+        rest = terms
+        if fuse:
+            assert flat_base is not None
+            i, c = terms[0]
+            torch.add(flat_base[start:end], flat_stack[i, start:end], alpha=c, out=acc)  # the same kernel as add_
+            rest = terms[1:]
+        elif flat_base is not None and base_coef != 0.0:
             acc.copy_(flat_base[start:end])
             if base_coef != 1.0:
                 acc.mul_(base_coef)
         else:
             acc.zero_()
-        for i, c in terms:
+        for i, c in rest:
             acc.add_(flat_stack[i, start:end], alpha=c)
-        flat_out[start:end].copy_(acc)
+        if acc_buf is not None:
+            flat_out[start:end].copy_(acc)
     return out
 
 
@@ -280,26 +310,114 @@ def _task_arithmetic_family(
     compute = _compute_dtype(base, deltas)
     if k == 0:
         return weighted_sum(base, 1.0, deltas, [], compute, base.dtype, out)
-    if sparsifier is not None:
+    blocks: Callable[[int, int], Tensor] | None = None
+    if sparsifier in (magnitude, bernoulli, magnitude_outliers) and deltas.device.type == "cpu":
+        blocks = _pruned_blocks(deltas, model_params, bool(global_params["rescale"]), generator, sparsifier, compute)
+    elif sparsifier is not None:
         pruned = torch.empty(deltas.shape, dtype=compute, device=deltas.device)
         extra = [p for p in ("gamma", "epsilon") if p in model_params]
         for i in range(k):
             kwargs = {p: model_params[p][i] for p in extra}
             density = model_params["density"][i]
-            pruned[i] = sparsifier(deltas[i].to(compute), density, global_params["rescale"], generator, **kwargs)
+            slot = pruned[i]
+            delta = slot.copy_(deltas[i]) if deltas.dtype != compute else deltas[i]  # upcast in place
+            sparsifier(delta, density, global_params["rescale"], generator, out=slot, **kwargs)
         deltas = pruned
     weights = [float(w) for w in model_params["weight"]]
     lam = float(global_params["lambda"])
     if not sign_consensus:
         total = sum(weights)
         divisor = 1.0 if abs(total) < 1e-8 or not global_params["normalize"] else total
-        return weighted_sum(base, 1.0, deltas, [w * lam / divisor for w in weights], compute, base.dtype, out)
+        coefs = [w * lam / divisor for w in weights]
+        if blocks is not None:
+            return _blockwise_sum(base, blocks, coefs, compute, out)
+        return weighted_sum(base, 1.0, deltas, coefs, compute, base.dtype, out)
     return _sign_consensus(base, deltas, weights, bool(global_params["normalize"]), lam,
-                           bool(global_params["int8_mask"]), compute, out)
+                           bool(global_params["int8_mask"]), compute, out, blocks)
+
+
+def _pruned_blocks(deltas: Tensor, model_params: PerModel, rescale: bool, generator: Gen,
+                   sparsifier: Sparsifier, compute: torch.dtype) -> Callable[[int, int], Tensor]:
+    """The sparsified task vectors, produced block by block for the combination that follows.
+
+    Per delta, what needs the whole tensor is computed once: its keep mask (bool: the top-k of
+    ``magnitude``, breadcrumbs' band, DARE's draw) and, with ``rescale``, its L1 factor
+    ``sum|d| / sum|d m|`` (summed block by block; mergekit's skip below 1e-7 kept). A block is then
+    ``d * m * factor`` in the compute dtype, in one reused (k, CHUNK) buffer: no float32 copy of the
+    stack, no full-size temporary per delta. The same products as the whole-tensor sparsifiers; the
+    L1 sums differ from a whole-tensor sum only in summation order."""
+    k = deltas.shape[0]
+    flat = deltas.reshape(k, -1)
+    n = flat.shape[1]
+    masks: list[Tensor | None] = []
+    factors: list[Tensor | None] = []
+    buf = torch.empty((k, min(n, CHUNK)), dtype=compute, device=deltas.device)
+    # a mask block as 0. / 1. in a reused buffer: multiplying by a bool block would convert it into
+    # a fresh float tensor every time (type promotion); the product is the same
+    mbuf = torch.empty(min(n, CHUNK), dtype=compute, device=deltas.device)
+    for i in range(k):
+        density = model_params["density"][i]
+        if density >= 1 or n == 0:
+            masks.append(None)
+            factors.append(None)
+            continue
+        if sparsifier is magnitude:
+            mask = top_k_mask(deltas[i], max(1, int(density * n)))
+        elif sparsifier is magnitude_outliers:
+            mask = _outliers_mask(deltas[i], density, model_params["gamma"][i])
+        else:
+            mask = _bernoulli_mask(density, deltas[i], generator, compute).reshape(-1)
+        masks.append(mask)
+        if not rescale:
+            factors.append(None)
+            continue
+        before = torch.zeros((), dtype=compute, device=deltas.device)
+        after = torch.zeros((), dtype=compute, device=deltas.device)
+        scratch = buf[0]
+        for start in range(0, n, CHUNK):
+            end = min(n, start + CHUNK)
+            b = scratch[: end - start].copy_(flat[i, start:end]).abs_()
+            before += b.sum()
+            after += b.mul_(mbuf[: end - start].copy_(mask[start:end])).sum()
+        tiny = (before < 1e-7) | (after < 1e-7)
+        factors.append(torch.where(tiny, torch.ones_like(before), before / after))
+
+    def block(start: int, end: int) -> Tensor:
+        out = buf[:, : end - start]
+        out.copy_(flat[:, start:end])
+        for i in range(k):
+            mask, factor = masks[i], factors[i]
+            if mask is not None:
+                out[i].mul_(mbuf[: end - start].copy_(mask[start:end]))
+            if factor is not None:
+                out[i].mul_(factor)
+        return out
+
+    return block
+
+
+def _blockwise_sum(base: Tensor, blocks: Callable[[int, int], Tensor], coefs: list[float], compute: torch.dtype,
+                   out: Tensor | None) -> Tensor:
+    """``base + sum_i coefs[i] * block_i``, block by block, as :func:`weighted_sum` does."""
+    if out is None:
+        out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
+    flat_out, flat_base = out.view(-1), base.reshape(-1)
+    n = flat_out.numel()
+    acc_buf = torch.empty(min(n, CHUNK), dtype=compute, device=base.device)
+    terms = [(i, float(c)) for i, c in enumerate(coefs) if float(c) != 0.0]
+    for start in range(0, n, CHUNK):
+        end = min(n, start + CHUNK)
+        blk = blocks(start, end)
+        acc = acc_buf[: end - start].copy_(flat_base[start:end])
+        for i, c in terms:
+            acc.add_(blk[i], alpha=c)
+        flat_out[start:end].copy_(acc)
+    return out
 
 
 def _sign_consensus(base: Tensor, deltas: Tensor, weights: list[float], normalize: bool, lam: float,
-                    int8_mask: bool, compute: torch.dtype, out: Tensor | None = None) -> Tensor:
+                    int8_mask: bool, compute: torch.dtype, out: Tensor | None = None,
+                    blocks: Callable[[int, int], Tensor] | None = None) -> Tensor:
     """TIES' combination, block by block (each output entry depends only on its own column, so
     blocks give exactly the whole-tensor result, with the temporaries kept in cache).
 
@@ -315,7 +433,7 @@ def _sign_consensus(base: Tensor, deltas: Tensor, weights: list[float], normaliz
     sign_dtype = torch.int8 if int8_mask else compute
     for start in range(0, flat_out.numel(), CHUNK):
         end = min(flat_out.numel(), start + CHUNK)
-        weighted = flat[:, start:end].to(compute) * w
+        weighted = (flat[:, start:end].to(compute) if blocks is None else blocks(start, end)) * w
         majority = (weighted.sum(dim=0) >= 0).to(sign_dtype) * 2 - 1
         mask = weighted.sign().to(sign_dtype) == majority
         mixed = weighted.mul_(mask).sum(dim=0)
