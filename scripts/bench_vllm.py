@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--items", type=int, default=120, help="test items per skill (the smol zoo has 120)")
     ap.add_argument("--repeat", type=int, default=2, help="timed passes per backend (the best is reported)")
+    ap.add_argument("--bf16", action="store_true", help="also a vLLM engine in bfloat16 (scores may then differ)")
     args = ap.parse_args()
     zoo = ensure_smol_zoo(TEST_SPEC)
     models = {"base": str(zoo.base), **{k: str(v) for k, v in zoo.experts.items()}}
@@ -83,24 +84,26 @@ def main() -> None:
           f"{vl.vllm.kv_cache_bytes / 2**20:.0f} MiB, merge engine inputs {vl.engine.resident_bytes() / 2**20:.0f} "
           f"MiB, no HF model: {vl.engine.model is None})")
 
-    rows = []
+    backends = [("hf", hf), ("vllm", vl)]
+    if args.bf16:
+        backends.append(("vllm bf16", Worker(models, "base", bench, device="cpu", threads=args.threads,
+                                            evaluation={"backend": "vllm", "vllm": {"dtype": "bfloat16"}})))
     for kind, names in (("generation", gen), ("multiple choice", mc)):
         n_items = sum(len(bench["fitness"][b]["items"]) for b in names)
         best: dict[str, float] = {}
         scores: dict[str, list] = {}
-        for backend, worker in (("hf", hf), ("vllm", vl)):
+        for backend, worker in backends:
             for _ in range(args.repeat):
                 r = worker.evaluate(recipes["task_arithmetic w=1"], benchmarks=names)
                 if r.error:
                     raise SystemExit(r.error)
                 best[backend] = min(best.get(backend, float("inf")), r.eval_seconds)
                 scores[backend] = [s for resp in r.responses for s in resp.scores]
-        differ = sum(a != b for a, b in zip(scores["hf"], scores["vllm"]))
-        ratio = best["hf"] / best["vllm"]
-        rows.append((kind, n_items, n_items / best["hf"], n_items / best["vllm"], ratio, differ))
-        print(f"{kind}: {n_items} items; hf {best['hf']:.1f} s ({n_items / best['hf']:.1f} items/s), vllm "
-              f"{best['vllm']:.1f} s ({n_items / best['vllm']:.1f} items/s): {ratio:.1f}x; {differ} items score "
-              f"differently", flush=True)
+        for backend in best:
+            differ = sum(a != b for a, b in zip(scores["hf"], scores[backend]))
+            rate = n_items / best[backend]
+            print(f"{kind}: {n_items} items, {backend:<9} {best[backend]:6.1f} s ({rate:5.1f} items/s), "
+                  f"{best['hf'] / best[backend]:4.2f}x hf; {differ} items score differently from hf", flush=True)
 
     print("\ntime split per candidate (generation items, best of the passes):")
     for name, recipe in recipes.items():
