@@ -167,10 +167,11 @@ class VllmModel:
             try:
                 self.llm = LLM(**kwargs)
             except Exception as err:  # noqa: BLE001 - re-raised with what to change
+                lines = [x.strip() for x in str(err).splitlines() if x.strip() and "errors.pydantic.dev" not in x]
                 raise RuntimeError(f"vLLM could not start an engine for {folder} ({type(err).__name__}: "
-                                   f"{str(err).strip().splitlines()[-1] if str(err).strip() else ''}); check that "
+                                   f"{lines[-1] if lines else ''}); check that "
                                    f"vLLM supports this architecture, and evaluation.vllm (max_model_len, "
-                                   f"kv_cache_bytes, dtype), or set evaluation.backend: hf") from err
+                                   f"kv_cache, dtype), or set evaluation.backend: hf") from err
         self.generation_config = _generation_config(folder)  # end tokens, as the HF model reads them
 
 
