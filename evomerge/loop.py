@@ -12,7 +12,11 @@ only those in flight are evaluated again, and the run continues on the same traj
 Generational searchers get the next batch once the last one is told; steady-state ones whenever a
 worker has room, so no worker waits for the slowest candidate of a generation. The estimator says
 which items each candidate is scored on (in one or more rounds) and turns responses into
-objectives; its ``after_generation`` hook (a drift check) runs before each commit.
+objectives; its ``after_generation`` hook (a drift check) runs before each commit. When that hook
+needs recipes scored, it does not run them itself: it yields ``ScoreRequest``s, and the loop runs
+them on the pool and sends the answers back. Such a tell first waits for the candidates still in
+flight (a steady-state searcher's, on several workers) to be recorded, by the estimator they were
+chosen by (a recalibration changes the anchor items); until the tell is done, nothing new is asked.
 
 A racing estimator (``estimator.races``, generational searchers only) decides a whole generation's
 rounds together: a round is sent for every candidate still in the race, and only when all its answers
@@ -31,13 +35,13 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from evomerge.estimators import Cut, FitnessEstimator, PhaseView, Selection
+from evomerge.estimators import Cut, FitnessEstimator, PhaseView, Requests, ScoreRequest, Scores, Selection
 from evomerge.evaluate.base import ItemResponses
 from evomerge.objectives import Objectives
 from evomerge.recipe import Recipe
 from evomerge.runstore import Evaluation, RunStore, genome_hash
 from evomerge.searchers import Searcher
-from evomerge.workers import CandidateResult, Pool, Task
+from evomerge.workers import CandidateResult, Pool, Task, run_tasks
 
 #: genome -> (its recipe, its seed for randomized merges)
 Decode = Callable[[np.ndarray], tuple[Recipe, int]]
@@ -75,10 +79,23 @@ class Candidate:
         self.worker, self.error = saved["worker"], saved["error"]
 
 
-@dataclass
+@dataclass(eq=False)  # a batch is itself: numpy genomes do not compare to a bool (``list.remove``)
 class Batch:
     genomes: list[np.ndarray]
     waiting: set[str]  # hashes not yet recorded
+
+
+@dataclass
+class Telling:
+    """A batch whose tell waits for the estimator's requests (a drift check's full evaluation): the
+    steps left, and the request in flight (None while the loop's own candidates are still in flight;
+    ticket -> recipe name; answers as they arrive)."""
+
+    batch: Batch
+    steps: Requests
+    request: ScoreRequest | None = None
+    tickets: dict[int, str] = field(default_factory=dict)
+    answers: dict[str, CandidateResult] = field(default_factory=dict)
 
 
 @dataclass
@@ -127,6 +144,34 @@ def to_evaluation(c: Candidate, generation: int, estimator: FitnessEstimator, ob
                          error=error, generation=generation, seed=c.seed)
 
 
+def request_tasks(request: ScoreRequest) -> dict[str, Task]:
+    """The pool's tasks for an estimator's request, by recipe name."""
+    items = dict(request.items) if request.items is not None else None
+    return {n: Task(r, items, "fitness", 0) for n, r in request.recipes.items()}
+
+
+def request_scores(request: ScoreRequest, results: Mapping[str, CandidateResult]) -> Scores:
+    """The answer to ``request`` from its results (by recipe name), in the request's order; raises on a
+    recipe that could not be scored (the evaluators score selected items in the order asked for, so
+    the scores line up with ``request.items`` as they do with every item)."""
+    out: Scores = {}
+    for name in request.recipes:
+        result = results[name]
+        if not result.ok:
+            raise RuntimeError(f"evaluating '{name}' on every fitness item failed: {result.error}")
+        out[name] = {r.benchmark: r.scores for r in result.responses}
+    return out
+
+
+def run_request(pool: Pool, request: ScoreRequest) -> Scores:
+    """Run ``request`` on a pool with nothing else in flight (outside the loop: calibration, the final
+    choice)."""
+    names = list(request.recipes)
+    tasks = request_tasks(request)
+    results = {names[i]: r for i, r in run_tasks(pool, [tasks[n] for n in names])}
+    return request_scores(request, results)
+
+
 def search(searcher: Searcher, store: RunStore, pool: Pool, decode: Decode, estimator: FitnessEstimator,
            phase: PhaseView, objectives: Objectives, budget: int, generation: int,
            on_progress: Callable[[int], None] = lambda generation: None) -> int:
@@ -137,21 +182,63 @@ def search(searcher: Searcher, store: RunStore, pool: Pool, decode: Decode, esti
     candidates: dict[str, Candidate] = {}  # genome hash -> candidate in flight
     racing = estimator.races and not searcher.steady_state
     race: Race | None = None
+    ready: list[Batch] = []  # recorded batches waiting for their tell, in order
+    telling: Telling | None = None  # the tell waiting for its estimator's request
 
     def submit(h: str, items: Selection, later_round: bool = False) -> None:
         c = candidates[h]
         only = list(items) if later_round else None  # a later round scores only the benchmarks named
         flying[pool.submit(Task(c.recipe, items, "fitness", c.seed, only))] = h
 
-    def tell(batch: Batch) -> None:
+    def tell_ready() -> None:
+        """Tell the recorded batches in order. One whose estimator asks for evaluations waits for them
+        (``telling``; the loop sends the first request once nothing of its own is in flight), and the
+        batches after it wait too."""
+        nonlocal telling
+        while telling is None and ready:
+            batch = ready.pop(0)
+            store.begin_generation(generation, batch.genomes)
+            steps = estimator.after_generation(phase, generation)
+            if steps is None:
+                finish(batch)
+            else:
+                telling = Telling(batch, steps)
+
+    def step(answer: Scores | None) -> None:
+        """The waiting tell's estimator gets ``answer`` (None: its start) and asks for the next
+        request, which goes to the pool; with none left, the tell."""
+        nonlocal telling
+        t = telling
+        assert t is not None
+        while True:
+            try:
+                request = t.steps.send(answer)  # type: ignore[arg-type]  # None starts the generator
+            except StopIteration:
+                break
+            if request.recipes:
+                t.request, t.answers = request, {}
+                t.tickets = {pool.submit(task): n for n, task in request_tasks(request).items()}
+                return
+            answer = {}
+        telling = None
+        finish(t.batch)
+        tell_ready()
+
+    def finish(batch: Batch) -> None:
+        """The tell of a recorded batch, committed with the searcher's state."""
         nonlocal generation
-        store.begin_generation(generation, batch.genomes)
-        estimator.after_generation(phase, generation)
         values = np.array([objectives.search_values(_recorded(store, g)) for g in batch.genomes])
         searcher.tell(batch.genomes, values)
         store.commit_tell(generation, searcher.state_dict(), *best_summary(searcher))
         generation += 1
         on_progress(generation)
+
+    def answer_request(ticket: int, result: CandidateResult) -> None:
+        """A result for the waiting tell's request; the last one sends the answer back."""
+        assert telling is not None and telling.request is not None
+        telling.answers[telling.tickets[ticket]] = result
+        if len(telling.answers) == len(telling.tickets):
+            step(request_scores(telling.request, telling.answers))
 
     def record(h: str) -> None:
         store.record(to_evaluation(candidates.pop(h), generation, estimator, objectives))
@@ -160,9 +247,12 @@ def search(searcher: Searcher, store: RunStore, pool: Pool, decode: Decode, esti
             b.waiting.discard(h)
         for b in [b for b in batches if not b.waiting]:
             batches.remove(b)
-            tell(b)
+            ready.append(b)
+        tell_ready()
 
     def room() -> bool:
+        if telling is not None or ready:  # nothing new is asked before the last batch is told
+            return False
         # at the budget, a batch recorded but never told (a run killed before its tell) is still asked
         # again and told, so the resumed run ends with the same tells as an uninterrupted one
         if store.count() + len(candidates) >= budget and not store.count_from(generation):
@@ -210,6 +300,22 @@ def search(searcher: Searcher, store: RunStore, pool: Pool, decode: Decode, esti
                 record(h)
         return None
 
+    def handle(ticket: int, result: CandidateResult) -> None:
+        """One of the loop's own results: the candidate's next round, or its record (and tell)."""
+        nonlocal race
+        h = flying.pop(ticket)
+        c = candidates[h]
+        c.add(result)
+        if race is not None and h in race.genomes:
+            if not any(f in race.genomes for f in flying.values()):
+                race = next_round(race)
+            return
+        more = estimator.select(c.responses) if c.error is None else None
+        if more:
+            submit(h, more, later_round=True)
+            return
+        record(h)
+
     while True:
         while room():
             batch = Batch(searcher.ask(1) if searcher.steady_state else searcher.ask(), set())
@@ -224,28 +330,23 @@ def search(searcher: Searcher, store: RunStore, pool: Pool, decode: Decode, esti
                     if not racing:
                         submit(h, estimator.select() or {})
             if not batch.waiting:  # every genome already recorded (a resumed run): told before anything new is asked
-                tell(batch)
+                ready.append(batch)
+                tell_ready()
                 continue
             batches.append(batch)
             if racing:
                 race = start_race(batch)
-        if not flying:
+        if telling is not None and telling.request is None and not flying:
+            step(None)  # the loop's candidates are recorded: the estimator's first request
+            continue
+        if telling is None and not flying:
             return generation
         done = pool.next_done()
         assert done is not None, "no timeout was given"
-        ticket, result = done
-        h = flying.pop(ticket)
-        c = candidates[h]
-        c.add(result)
-        if race is not None and h in race.genomes:
-            if not any(f in race.genomes for f in flying.values()):
-                race = next_round(race)
-            continue
-        more = estimator.select(c.responses) if c.error is None else None
-        if more:
-            submit(h, more, later_round=True)
-            continue
-        record(h)
+        if telling is not None and done[0] in telling.tickets:
+            answer_request(*done)
+        else:
+            handle(*done)
 
 
 def selection_cut(searcher: Searcher, store: RunStore, racing: Mapping[str, np.ndarray]) -> Cut | None:

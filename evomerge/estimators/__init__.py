@@ -12,12 +12,16 @@ from evomerge.estimators.base import (
     EstimatorInputs,
     FitnessEstimator,
     PhaseView,
+    Requests,
     ScoreAll,
+    ScoreRequest,
+    Scores,
     Selection,
     sampled_items,
 )
 
-__all__ = ["Cut", "EstimatorInputs", "FitnessEstimator", "PhaseView", "ScoreAll", "Selection",
+__all__ = ["Cut", "EstimatorInputs", "FitnessEstimator", "PhaseView", "Requests", "ScoreAll", "ScoreRequest",
+           "Scores", "Selection",
            "make_fitness_estimator", "sampled_items"]
 
 
