@@ -24,8 +24,6 @@ from evomerge.irt.calibrate import Population, calibrate
 from evomerge.irt.calibration import Calibration
 from evomerge.irt.estimators import make_estimator
 
-IRT_KINDS = ("irt", "pirt", "gpirt", "mpirt", "gmpirt")
-
 
 def calibrate_population(inputs: EstimatorInputs, folder: Path, n_models: int | None = None) -> dict[str, Calibration]:
     """Score the calibration population on every fitness item, calibrate each benchmark, save the
