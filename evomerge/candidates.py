@@ -16,9 +16,8 @@ import numpy as np
 import yaml
 
 from evomerge import outputs
-from evomerge.merge.config import MergeConfig
 from evomerge.objectives import named, pareto_mask
-from evomerge.recipe import LayerPlan, Recipe
+from evomerge.recipe import Recipe
 from evomerge.refs import resolve_model_ref
 from evomerge.runstore import Evaluation, RunStore
 from evomerge.status import phase_stores
@@ -36,14 +35,6 @@ def frozen_experiment(run_dir: Path) -> tuple[dict[str, Any], Path]:
 def model_paths(run_dir: Path) -> dict[str, Path]:
     data, exp_dir = frozen_experiment(run_dir)
     return {name: resolve_model_ref(ref, exp_dir) for name, ref in data["models"].items()}
-
-
-def recipe_from_text(text: str) -> Recipe:
-    """The inverse of ``Recipe.to_text``."""
-    data = yaml.safe_load(text) or {}
-    merge = MergeConfig.model_validate(data["merge"]) if data.get("merge") is not None else None
-    plan = LayerPlan.from_dict({"layer_plan": data["layer_plan"]}) if data.get("layer_plan") else None
-    return Recipe(merge=merge, plan=plan)
 
 
 def phase_store(run_dir: Path, phase: Optional[int] = None) -> Path:
@@ -110,7 +101,7 @@ def export_candidates(run_dir: str | Path, out: str | Path, rank: Optional[int] 
         if ev.recipe is None:
             raise ValueError(f"candidate {ev.genome_hash[:12]} has no stored recipe")
         target.parent.mkdir(parents=True, exist_ok=True)
-        outputs.export_recipe(recipe_from_text(ev.recipe), target, paths, bool(data.get("allow_pickle")), dtype)
+        outputs.export_recipe(Recipe.from_text(ev.recipe), target, paths, bool(data.get("allow_pickle")), dtype)
         info = {"genome_hash": ev.genome_hash, "fitness": ev.fitness, "objectives": named(ev),
                 "generation": ev.generation, "run": str(run_dir)}
         (target.parent / f"{target.name}.candidate.json").write_text(json.dumps(info, indent=1))

@@ -12,7 +12,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import torch
 from safetensors import safe_open
@@ -176,13 +176,3 @@ def copy_tokenizer(src: Path, dst: Path) -> list[str]:
             shutil.copy2(src / name, dst / name)
             copied.append(name)
     return copied
-
-
-def iter_state(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """The model's tensors as saved by transformers (tied weights once)."""
-    seen: set[int] = set()
-    for name, t in model.state_dict().items():
-        if t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        yield name, t.detach().cpu()

@@ -15,6 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 from typing_extensions import Annotated
 
+from evomerge.estimator_kinds import check_kind
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -152,8 +154,7 @@ class Objective(Strict):
 
 
 class EstimatorSpec(Strict):
-    kind: Literal["full", "random", "irt", "pirt", "gpirt", "mpirt", "gmpirt", "adaptive",
-                  "successive_halving"] = "full"
+    kind: str = "full"  # one of evomerge.estimator_kinds.SEARCH_KINDS
     budget: float = Field(1.0, gt=0)  # fraction of items (<= 1) or a count (> 1)
     calibration: Optional[str] = None  # file; default: calibrate at the start of the run
     calibration_models: Optional[int] = Field(None, ge=0)  # random merges scored on every item to calibrate
@@ -209,13 +210,10 @@ class EstimatorSpec(Strict):
                              f"give; use kind: adaptive (successive_halving races by rank on its own)")
         return self
 
-    @field_validator("kind", mode="before")
+    @field_validator("kind")
     @classmethod
-    def _kind(cls, v: Any) -> Any:
-        if v == "stratified":
-            raise ValueError("'stratified' needs a group label per item, which a search does not have; use "
-                             "'random' or an IRT kind (per-benchmark objectives already stratify by benchmark)")
-        return v
+    def _kind(cls, v: str) -> str:
+        return check_kind(v).name
 
 
 class Fitness(Strict):

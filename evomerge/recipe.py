@@ -172,6 +172,15 @@ class Recipe:
             parts["layer_plan"] = self.plan.to_dict()
         return yaml.safe_dump(parts, sort_keys=False)
 
+    @classmethod
+    def from_text(cls, text: str) -> "Recipe":
+        """The inverse of ``to_text``. (``to_text`` nests the plan's own ``{"layer_plan": ...}`` under
+        ``layer_plan:``; ``LayerPlan.from_dict`` takes it with or without that wrapper.)"""
+        data = yaml.safe_load(text) or {}
+        merge = MergeConfig.model_validate(data["merge"]) if data.get("merge") is not None else None
+        plan = LayerPlan.from_dict(data["layer_plan"]) if data.get("layer_plan") else None
+        return cls(merge=merge, plan=plan)
+
 
 def single_model(name: str) -> Recipe:
     """The recipe that reproduces model ``name`` exactly (a linear merge of it alone): how a source

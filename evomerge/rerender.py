@@ -18,9 +18,10 @@ import numpy as np
 from rich.console import Console
 
 from evomerge import outputs
-from evomerge.candidates import frozen_experiment, recipe_from_text
+from evomerge.candidates import frozen_experiment
 from evomerge.config import experiment_from_data
 from evomerge.outputs import PhaseResult
+from evomerge.recipe import Recipe
 from evomerge.run import objectives_of
 from evomerge.runstore import RunStore
 from evomerge.status import phase_budgets, phase_status, phase_stores
@@ -75,7 +76,7 @@ def rerender(run_dir: str | Path, fmt: str = "png", console: Optional[Console] =
         if not estimator_report and exp.fitness.estimator.kind != "full":
             notes.append(f"Phase {index}: the estimator's check against full evaluations is left out (it needs a "
                          "model evaluation, which the run does when it finishes).")
-        recipes = [recipe_from_text(e.recipe) for e in best if e.recipe]
+        recipes = [Recipe.from_text(e.recipe) for e in best if e.recipe]
         phases.append(PhaseResult(index, kind, best, recipes, GeneTable(genes), path, estimator_report,
                                   float(best[0].fitness or float("nan"))))
     if not phases:

@@ -23,10 +23,17 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from evomerge import outputs
 from evomerge.config import DFSSpace, Experiment, PSSpace, experiment_from_data, read_experiment_yaml
-from evomerge.estimators import EstimatorInputs, FitnessEstimator, PhaseView, make_fitness_estimator, sampled_items
+from evomerge.estimators import (
+    EstimatorInputs,
+    FitnessEstimator,
+    PhaseView,
+    ScoreRequest,
+    make_fitness_estimator,
+    sampled_items,
+)
 from evomerge.evaluate.custom import CustomFitness
 from evomerge.evaluate.registry import make_evaluator
-from evomerge.loop import open_searcher, search
+from evomerge.loop import open_searcher, run_request, search
 from evomerge.objectives import Objectives
 from evomerge.outputs import PhaseResult
 from evomerge.recipe import Recipe, hand_recipe, single_model, with_paths
@@ -141,16 +148,7 @@ class Job:
                   items: Mapping[str, list[str]] | None = None) -> dict[str, dict[str, np.ndarray]]:
         """Every fitness item of every item benchmark for each recipe (or only ``items``, an estimator's
         item sample, in that order): {name: {benchmark: scores}}."""
-        names = list(recipes)
-        selection = dict(items) if items is not None else None
-        out: dict[str, dict[str, np.ndarray]] = {}
-        # the evaluators score selected items in the order asked for (``select_ids``), so the scores
-        # line up with ``items`` as they do with every item
-        for i, result in run_tasks(self.pool, [Task(recipes[n], selection, "fitness", 0) for n in names]):
-            if not result.ok:
-                raise RuntimeError(f"evaluating '{names[i]}' on every fitness item failed: {result.error}")
-            out[names[i]] = {r.benchmark: r.scores for r in result.responses}
-        return out
+        return run_request(self.pool, ScoreRequest(dict(recipes), items))
 
     def item_ids(self, which: str) -> dict[str, Optional[list[str]]]:
         """Every item of each benchmark of the set (None for custom functions, which choose their own)."""

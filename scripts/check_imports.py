@@ -1,7 +1,8 @@
 """Fail when a module of the package imports one that imports it back (directly or around a circle).
 
-Every import counts, including those inside functions (a hidden cycle is still a cycle). Reads the
-source with ``ast``, so nothing is imported:
+Every import counts, including those inside functions (a hidden cycle is still a cycle), and
+``from a.pkg import sub`` counts as an import of ``a.pkg`` (its ``__init__``) too. Reads the source
+with ``ast``, so nothing is imported:
 
     python scripts/check_imports.py            # prints the module graph's cycles, exit 1 if any
     python scripts/check_imports.py --graph    # also prints each module's evomerge imports
@@ -44,8 +45,9 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
                 target = node.module or ""
             if target.split(".")[0] != PACKAGE:
                 continue
-            subs = [f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in known]
-            found.update(subs if len(subs) == len(node.names) else subs + [target])
+            # ``from pkg import sub`` reads ``sub`` from the package, whose ``__init__`` runs first:
+            # it counts as an import of the package as well as of the submodule
+            found.update([f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in known] + [target])
     return {m for m in found if m in known and m != name}
 
 

@@ -18,7 +18,7 @@ from evomerge.merge.config import MergeConfig
 from evomerge.merge.dfs_export import cumulative_scales, export_dfs, merge_plan_to_disk
 from evomerge.merge.dfs_model import ScaledLayer, build_dfs_model
 from evomerge.merge.engine import MergeEngine
-from evomerge.recipe import DFSError, LayerPlan
+from evomerge.recipe import DFSError, LayerPlan, Recipe
 from evomerge.spaces.dfs import decode_dfs, dfs_gene_count
 
 # A plan with a layer used twice, layers moved to new depths, and scales on both sides of 1.
@@ -97,6 +97,16 @@ def test_plan_yaml_round_trip_keeps_members_and_merge_configs(tmp_path):
         LayerPlan.from_yaml(str(tmp_path / "missing.yml"))
     with pytest.raises(DFSError, match=r"layers\[0\] = 'a'"):
         LayerPlan.from_dict({"host": "a", "layers": ["a"]})
+
+
+def test_recipe_text_round_trip():
+    merge = MergeConfig.model_validate({"merge_method": "task_arithmetic", "base_model": "base",
+                                        "models": [{"model": "rev", "parameters": {"weight": 0.5}}]})
+    plan = LayerPlan("rev", [("rev", 0), ("base", 1)], [1.0, 0.9])
+    for recipe in (Recipe(merge=merge), Recipe(plan=plan), Recipe(merge=merge, plan=plan), Recipe()):
+        back = Recipe.from_text(recipe.to_text())
+        assert back.plan == recipe.plan and back.to_text() == recipe.to_text()
+        assert (back.merge is None) == (recipe.merge is None)
 
 
 # -------------------------------------------------------------------------------------------- genomes

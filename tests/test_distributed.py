@@ -198,6 +198,25 @@ def test_search_runs_on_two_ray_workers(tmp_path, zoo):
 
 
 @pytest.mark.slow
+def test_steady_state_search_with_drift_checks_on_two_ray_workers(tmp_path, zoo):
+    # issue 24's crash: a drift check ran its full evaluation on the pool while the loop's other
+    # candidate was in flight, and took the loop's result for its own (KeyError)
+    path = write_experiment(tmp_path, zoo, budget=6, items_per_skill=20)
+    exp = yaml.safe_load(path.read_text())
+    exp["searcher"] = {"name": "nevergrad:TwoPointsDE", "options": {"num_workers": 2, "budget": 6}}
+    exp["fitness"]["estimator"] = {"kind": "gpirt", "budget": 0.25, "calibration_models": 6,
+                                   "drift_every": 1, "drift_threshold": 0.001}
+    path.write_text(yaml.safe_dump(exp, sort_keys=False))
+    with descendants_seen() as seen:
+        run_dir = start(path, tmp_path / "run", quiet())
+    assert_gone(seen.values(), "the embedded Ray")
+    with store_of(run_dir) as store:
+        evs = store.evaluations()
+        assert len(evs) == 6 and all(e.status == "ok" for e in evs)
+        assert [d["generation"] for d in store.get_meta("drift")] == list(range(len(store.generations())))
+
+
+@pytest.mark.slow
 def test_a_killed_worker_costs_only_its_candidate(tmp_path, zoo):
     log = tmp_path / "calls"
     log.mkdir()

@@ -10,9 +10,11 @@ import pytest
 import yaml
 from test_search import experiment, final_state, kill_and_resume, run_cli
 
+from evomerge import run
 from evomerge.irt.calibration import Calibration
 from evomerge.run import start
 from evomerge.runstore import RunStore
+from evomerge.workers import LocalPool
 
 
 def _with_estimator(exp: dict, tmp: Path, estimator: dict) -> dict:
@@ -87,3 +89,33 @@ def test_drift_guard_recalibrates_and_a_killed_run_resumes_exactly(zoo, tmp_path
     assert len(hashes) == len(set(hashes)) == 24
     again = RunStore(cut / "phase0-ps" / "run.sqlite", readonly=True)
     assert [d["error"] for d in again.get_meta("drift")] == [d["error"] for d in drift]
+
+
+class TwoSlots(LocalPool):
+    """One in-process worker that takes two tasks at a time and finishes them in the order submitted:
+    what a steady-state searcher sees on two workers, without Ray and the same every run."""
+
+    def free_slots(self) -> int:
+        return max(0, 2 - len(self._queue))
+
+
+def _steady_state_with_drift(zoo, tmp: Path, evaluations: int) -> dict:
+    exp = experiment(zoo, tmp, budget={"evaluations": evaluations}, references=[],
+                     searcher={"name": "nevergrad:TwoPointsDE", "options": {"num_workers": 2, "budget": 6}})
+    exp["fitness"]["estimator"] = {"kind": "gpirt", "budget": 0.25, "calibration_models": 6,
+                                   "drift_every": 1, "drift_threshold": 0.001}
+    (tmp / "exp.yaml").write_text(yaml.safe_dump(exp))
+    return exp
+
+
+def test_drift_checks_while_a_steady_state_searcher_has_tasks_in_flight(zoo, tmp_path, monkeypatch):
+    # a drift check scores the best on every item from inside the loop's tell, while the loop's other
+    # task is still in flight: the check's answers and the loop's must each reach their own owner
+    _steady_state_with_drift(zoo, tmp_path, 6)
+    monkeypatch.setattr(run, "open_pool", lambda kwargs, **_: TwoSlots(kwargs))
+    run_dir = start(tmp_path / "exp.yaml", tmp_path / "run")
+    store = RunStore(run_dir / "phase0-ps" / "run.sqlite", readonly=True)
+    evs = store.evaluations()
+    assert len(evs) == 6 and all(e.status == "ok" for e in evs)
+    assert [d["generation"] for d in store.get_meta("drift")] == list(range(len(store.generations())))
+    assert len(store.generations()) >= 6  # steady state: a generation per genome

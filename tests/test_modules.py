@@ -41,3 +41,19 @@ def test_every_module_imports_in_any_order():
         code = "import importlib\nfor m in %r:\n    importlib.import_module(m)\n" % order
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
         assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_the_checker_finds_a_cycle_through_a_package_init(tmp_path):
+    # searchers/base.py read `from evomerge.searchers import state` while searchers/__init__ imports base
+    pkg = tmp_path / "evomerge" / "sub"
+    pkg.mkdir(parents=True)
+    (tmp_path / "evomerge" / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("from evomerge.sub.base import B\n")
+    (pkg / "state.py").write_text("X = 1\n")
+    (pkg / "base.py").write_text("from evomerge.sub import state\nB = state.X\n")
+    mods = modules(tmp_path)
+    graph = {m: imports_of(m, p, set(mods)) for m, p in mods.items()}
+    assert cycles(graph) == [["evomerge.sub", "evomerge.sub.base"]]
+    (pkg / "base.py").write_text("from evomerge.sub.state import X\nB = X\n")  # the submodule itself: no cycle
+    graph = {m: imports_of(m, p, set(mods)) for m, p in mods.items()}
+    assert cycles(graph) == []

@@ -1,4 +1,5 @@
-"""Fitness estimators behind one interface (``base.FitnessEstimator``): ``full`` (every item),
+"""Fitness estimators behind one interface (``base.FitnessEstimator``), by kind (the table in
+``evomerge.estimator_kinds``): ``full`` (every item),
 ``random`` (a fixed random subset) and the IRT family ``irt``, ``pirt``, ``gpirt``, ``mpirt``,
 ``gmpirt`` (anchors chosen by a calibration on the user's own benchmark) and ``adaptive`` (items
 chosen per candidate until its score is known to a tolerance, optionally racing against the
@@ -7,42 +8,32 @@ multi-fidelity baseline: the better half of a generation goes on to twice the it
 
 from __future__ import annotations
 
+import importlib
+
+from evomerge.estimator_kinds import check_kind
 from evomerge.estimators.base import (
     Cut,
     EstimatorInputs,
     FitnessEstimator,
     PhaseView,
+    Requests,
     ScoreAll,
+    ScoreRequest,
+    Scores,
     Selection,
     sampled_items,
 )
 
-__all__ = ["Cut", "EstimatorInputs", "FitnessEstimator", "PhaseView", "ScoreAll", "Selection",
+__all__ = ["Cut", "EstimatorInputs", "FitnessEstimator", "PhaseView", "Requests", "ScoreAll", "ScoreRequest",
+           "Scores", "Selection",
            "make_fitness_estimator", "sampled_items"]
 
 
 def make_fitness_estimator(inputs: EstimatorInputs) -> FitnessEstimator:
-    """The estimator ``inputs.spec.kind`` names (an IRT one calibrates now, or loads the run's own
-    calibration on resume, or the one the spec points to)."""
-    kind = inputs.spec.kind
-    if kind == "full":
-        from evomerge.estimators.basic import FullFitness
-
-        return FullFitness(inputs)
-    if kind == "random":
-        from evomerge.estimators.reduced import SubsampledFitness
-
-        return SubsampledFitness(inputs)
-    if kind == "successive_halving":
-        from evomerge.estimators.halving import SuccessiveHalving
-
-        return SuccessiveHalving(inputs)
-    if kind == "adaptive":
-        from evomerge.estimators.adaptive import AdaptiveFitness
-
-        return AdaptiveFitness(inputs)
-    from evomerge.estimators.irt import IRT_KINDS, IRTFitness
-
-    if kind not in IRT_KINDS:
-        raise ValueError(f"estimator kind '{kind}' is not one of full, random, {', '.join(IRT_KINDS)}")
-    return IRTFitness(inputs)
+    """The estimator ``inputs.spec.kind`` names in ``evomerge.estimator_kinds`` (an IRT one calibrates
+    now, or loads the run's own calibration on resume, or the one the spec points to)."""
+    target = check_kind(inputs.spec.kind).target
+    assert target is not None, "check_kind returns only the kinds a search can use"
+    module, name = target.split(":")
+    cls: type[FitnessEstimator] = getattr(importlib.import_module(module), name)
+    return cls(inputs)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Generator, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -30,6 +30,24 @@ from evomerge.runstore import Evaluation, RunStore
 ScoreAll = Callable[[Mapping[str, Recipe]], dict[str, dict[str, np.ndarray]]]
 #: Items to score per benchmark (None: every item, or a custom function's own choice).
 Selection = dict[str, Optional[list[str]]]
+#: {recipe name: {benchmark: one score per item}}: what a ``ScoreRequest`` is answered with.
+Scores = dict[str, dict[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """An estimator's request to the loop: score ``recipes`` (by name) on every fitness item, or only on
+    ``items`` (the estimator's item sample, scored in that order). The loop runs it between rounds,
+    beside its own candidates, and sends back the ``Scores``; a recipe that cannot be scored stops the
+    run."""
+
+    recipes: Mapping[str, Recipe]
+    items: Optional[Mapping[str, list[str]]] = None
+
+
+#: What ``after_generation`` returns: a generator that yields each ``ScoreRequest`` and is sent its
+#: answer (None: nothing to ask).
+Requests = Generator[ScoreRequest, Scores, None]
 
 
 @dataclass(frozen=True)
@@ -50,6 +68,10 @@ class EstimatorInputs:
     exp_dir: Path
     calibration_recipes: Callable[[int], dict[str, Recipe]]
     say: Callable[[str], None] = print
+
+    def request(self, recipes: Mapping[str, Recipe]) -> ScoreRequest:
+        """``recipes`` scored as ``score_all`` scores them: on every item, or on the item sample."""
+        return ScoreRequest(dict(recipes), self.item_ids if self.spec.item_sample is not None else None)
 
 
 def sampled_items(item_ids: Mapping[str, list[str]], sample: float | None, seed: int) -> dict[str, list[str]]:
@@ -128,9 +150,12 @@ class FitnessEstimator(ABC):
         own values), kept for benchmarks the estimator does not estimate."""
         return dict(raw)
 
-    def after_generation(self, phase: PhaseView, generation: int) -> None:
+    def after_generation(self, phase: PhaseView, generation: int) -> Requests | None:
         """After ``generation`` is evaluated, before its tell is committed (so it must be idempotent:
-        a run killed inside it redoes it on resume)."""
+        a run killed inside it redoes it on resume). An estimator that needs recipes scored (a drift
+        check) returns a generator that yields ``ScoreRequest``s and receives their ``Scores``: the
+        loop runs them, so the estimator never touches the pool."""
+        return None
 
     def final_choice(self, phase: PhaseView) -> list[Evaluation]:
         """What the phase returns: the best candidate, or a spread of the Pareto front."""

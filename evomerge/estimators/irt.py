@@ -17,14 +17,12 @@ from typing import Mapping
 
 import numpy as np
 
-from evomerge.estimators.base import EstimatorInputs, PhaseView
+from evomerge.estimators.base import EstimatorInputs, PhaseView, Requests
 from evomerge.estimators.calibrations import INITIAL, CalibrationLog, save_calibrations, score_population, tag_of
 from evomerge.estimators.reduced import ReducedFitness
 from evomerge.irt.calibrate import Population, calibrate
 from evomerge.irt.calibration import Calibration
 from evomerge.irt.estimators import make_estimator
-
-IRT_KINDS = ("irt", "pirt", "gpirt", "mpirt", "gmpirt")
 
 
 def calibrate_population(inputs: EstimatorInputs, folder: Path, n_models: int | None = None) -> dict[str, Calibration]:
@@ -79,17 +77,19 @@ class IRTFitness(ReducedFitness):
         if tag is not None:
             self._use(self.log.load(tag)[0])
 
-    def after_generation(self, phase: PhaseView, generation: int) -> None:
+    def after_generation(self, phase: PhaseView, generation: int) -> Requests | None:
         """Every ``drift_every`` generations: the best so far on all items; error stored; recalibrate
         the benchmarks whose error passes the threshold (with the fully scored best added)."""
         spec = self.inputs.spec
-        if not spec.drift_every or (generation + 1) % spec.drift_every:
-            return
-        ok = phase.scored()
-        if not ok:
-            return
-        best = self.inputs.objectives.best(ok)
-        full = self.inputs.score_all({best.genome_hash: phase.recipe_of(best)})[best.genome_hash]
+        if not spec.drift_every or (generation + 1) % spec.drift_every or not phase.scored():
+            return None
+        return self._drift_check(phase, generation)
+
+    def _drift_check(self, phase: PhaseView, generation: int) -> Requests:
+        """The drift check as a generator: it asks the loop for the best's full scores (one request)."""
+        spec = self.inputs.spec
+        best = self.inputs.objectives.best(phase.scored())
+        full = (yield self.inputs.request({best.genome_hash: phase.recipe_of(best)}))[best.genome_hash]
         estimated = dict(best.objectives) if isinstance(best.objectives, dict) else {}
         errors = {b: abs(float(np.mean(full[b])) - estimated[b]) for b in full if b in estimated}
         log = [e for e in (phase.store.get_meta("drift", []) or []) if e["generation"] != generation]

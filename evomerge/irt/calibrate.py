@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from evomerge.estimator_kinds import IRT_KINDS
 from evomerge.evaluate.base import ItemResponses
 from evomerge.irt.anchors import correctness_features, param_features, resolve_budget, select_anchors
 from evomerge.irt.calibration import Calibration
@@ -26,7 +27,6 @@ from evomerge.irt.fit import Prior, check_responses, fit_m2pl
 from evomerge.merge.config import MergeConfig
 
 FEATURES = ("params", "correctness")
-IRT_NAMES = ("irt", "pirt", "gpirt", "mpirt", "gmpirt")
 
 
 # ---- the population ---------------------------------------------------------------------------
@@ -287,8 +287,8 @@ def calibrate(population: Population, parents: Sequence[str], *, budgets: Sequen
     Y = population.responses
     if np.isnan(Y).any():
         raise ValueError("the calibration population has unevaluated items (NaN); evaluate every model on all items")
-    if select_by not in IRT_NAMES:
-        raise ValueError(f"select_by '{select_by}' is not an IRT estimator {list(IRT_NAMES)}")
+    if select_by not in IRT_KINDS:
+        raise ValueError(f"select_by '{select_by}' is not an IRT estimator {list(IRT_KINDS)}")
     if lambda_method not in ("heuristic", "validated"):
         raise ValueError(f"lambda_method '{lambda_method}': choose 'heuristic' or 'validated'")
     if groups is not None and len(groups) != Y.shape[1]:

@@ -33,11 +33,13 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
+from evomerge.estimator_kinds import IRT_KINDS
 from evomerge.irt.anchors import Anchors, allocate, resolve_budget
 from evomerge.irt.calibration import Calibration
 from evomerge.irt.fit import ItemParams, Prior, estimate_mixture, estimate_theta
 
-NAMES = ("full", "random", "stratified", "irt", "pirt", "gpirt", "mpirt", "gmpirt")
+#: the baselines, then the IRT family (``evomerge.estimator_kinds`` names it; ``_CALIBRATED`` implements it)
+NAMES = ("full", "random", "stratified", *IRT_KINDS)
 
 
 class Estimator(Protocol):
@@ -283,7 +285,8 @@ class GMPIRT(_Calibrated):
 
 
 _CALIBRATED: dict[str, Callable[[Calibration, int], Estimator]] = {
-    "irt": AnchorIRT, "pirt": PIRT, "gpirt": GPIRT, "mpirt": MPIRT, "gmpirt": GMPIRT}
+    c.name: c for c in (AnchorIRT, PIRT, GPIRT, MPIRT, GMPIRT)}
+assert set(_CALIBRATED) == set(IRT_KINDS), "an IRT kind in evomerge.estimator_kinds without its estimator here"
 
 
 def make_estimator(name: str, budget: float | int, *, calibration: Calibration | None = None,

@@ -6,6 +6,6 @@
 """
 
 from evomerge.searchers.base import Searcher, SearcherSpec
-from evomerge.searchers.registry import CHOICES, load_searcher, make_searcher, searcher_class
+from evomerge.searchers.registry import CHOICES, make_searcher, searcher_class
 
-__all__ = ["Searcher", "SearcherSpec", "make_searcher", "load_searcher", "searcher_class", "CHOICES"]
+__all__ = ["Searcher", "SearcherSpec", "make_searcher", "searcher_class", "CHOICES"]

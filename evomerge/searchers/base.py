@@ -33,8 +33,8 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
-from evomerge.searchers import state as st
 from evomerge.searchers.names import searcher_class
+from evomerge.searchers.state import FORMAT, decode_array, encode_array, pack, unpack
 
 
 @dataclass(frozen=True)
@@ -318,22 +318,22 @@ class Searcher(ABC):
         """Bytes from which `from_state` rebuilds this searcher exactly, pending genomes and RNG included."""
         engine_meta, payload = self._dump()
         header = {
-            "format": st.FORMAT,
+            "format": FORMAT,
             "spec": self.spec.to_json(),
             "common": {
-                "pending": [st.encode_array(g) for g in self._pending],
-                "front": [[st.encode_array(g), st.encode_array(f)] for g, f in self._front],
-                "worst": st.encode_array(self._worst),
+                "pending": [encode_array(g) for g in self._pending],
+                "front": [[encode_array(g), encode_array(f)] for g, f in self._front],
+                "worst": encode_array(self._worst),
                 "n_told": self._n_told,
             },
             "engine": engine_meta,
         }
-        return st.pack(header, payload)
+        return pack(header, payload)
 
     @classmethod
     def from_state(cls, blob: bytes) -> "Searcher":
         """Rebuild a searcher from `state_dict()` bytes; called on `Searcher` it picks the right class."""
-        header, payload = st.unpack(blob)
+        header, payload = unpack(blob)
         spec = SearcherSpec.from_json(header["spec"])
         klass = searcher_class(spec.name)
         if cls is not Searcher and not issubclass(klass, cls):
@@ -341,12 +341,12 @@ class Searcher(ABC):
         obj = klass.__new__(klass)
         obj._init_common(spec)
         common = header["common"]
-        obj._pending = [st.decode_array(a) for a in common["pending"]]
+        obj._pending = [decode_array(a) for a in common["pending"]]
         obj._pending_keys = list(range(len(obj._pending)))
         obj._next_key = len(obj._pending)
         obj._reissue = list(range(len(obj._pending))) if klass.steady_state else []
-        obj._front = [(st.decode_array(g), st.decode_array(f)) for g, f in common["front"]]
-        obj._worst = st.decode_array(common["worst"])
+        obj._front = [(decode_array(g), decode_array(f)) for g, f in common["front"]]
+        obj._worst = decode_array(common["worst"])
         obj._n_told = int(common["n_told"])
         obj._load(header["engine"], payload)
         return obj

@@ -1,4 +1,4 @@
-"""Searchers by name (``make_searcher``) and from saved state (``load_searcher``)."""
+"""Searchers by name (``make_searcher``); from saved state: ``Searcher.from_state``."""
 
 from __future__ import annotations
 
@@ -23,8 +23,3 @@ def make_searcher(name: str, lower: Any, upper: Any, x0: Any = None, n_obj: int 
     spec = SearcherSpec(name, np.asarray(lower), np.asarray(upper), None if x0 is None else np.asarray(x0),
                         n_obj, seed, options, [np.asarray(s) for s in starts])
     return cls(spec)
-
-
-def load_searcher(blob: bytes) -> Searcher:
-    """Rebuild any searcher from its `state_dict()` bytes."""
-    return Searcher.from_state(blob)

@@ -232,10 +232,6 @@ def print_smol_accuracy(acc: dict, checks: dict, skills: list[str], console: Con
 # ------------------------------------------------------------------------------------------ references
 
 
-def is_smol_ref(ref: str) -> bool:
-    return str(ref).startswith(REF_PREFIX)
-
-
 def resolve_smol_model(ref: str, zoo: SmolZoo | None = None) -> Path:
     """``zoo:smol/<base|expert>`` -> the model's folder (the zoo built on first use)."""
     member = str(ref)[len(REF_PREFIX):]
