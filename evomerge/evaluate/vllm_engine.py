@@ -161,7 +161,7 @@ class VllmModel:
             kv_cache_memory_bytes=kv_cache_size(folder, dtype, s), disable_log_stats=True)
         self.kv_cache_bytes = int(kwargs["kv_cache_memory_bytes"])
         kwargs.update(s.extra)
-        with _env(env), _quiet_vllm():
+        with _env(env), _quiet_vllm(), _modules_vllm_can_scan():
             from vllm import LLM
 
             try:
@@ -270,6 +270,40 @@ def _checked(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str,
     """The pushed tensors as vLLM wants them: a contiguous tensor per name, on the CPU for the CPU engine."""
     for name, tensor in tensors:
         yield name, tensor.contiguous()
+
+
+@contextlib.contextmanager
+def _modules_vllm_can_scan() -> Iterator[None]:
+    """Hide, while an engine starts, the modules that break vLLM 0.32's scan of ``sys.modules``.
+
+    On the CPU platform, engine start rebinds Triton kernels by walking every attribute of every
+    loaded module and calling ``vars(value).get``; an object whose ``__dict__`` lookup returns
+    something else (llvmlite's ``ffi.lib``, loaded whenever numba is, e.g. by another library or an
+    earlier test) makes the start fail with "'_lib_fn_wrapper' object has no attribute 'get'". Those
+    modules are taken out of ``sys.modules`` for the start and put back after it; vLLM has no kernel
+    in them.
+    """
+    import sys
+
+    def scannable(module: Any) -> bool:
+        namespace = getattr(module, "__dict__", None)
+        if not isinstance(namespace, dict):
+            return True
+        for value in list(namespace.values()):
+            try:
+                if hasattr(value, "__dict__") and not hasattr(vars(value), "get"):
+                    return False
+            except TypeError:  # vars() refuses it: vLLM's hasattr check passed, so it would fail too
+                return False
+        return True
+
+    hidden = {name: m for name, m in list(sys.modules.items()) if m is not None and not scannable(m)}
+    for name in hidden:
+        del sys.modules[name]
+    try:
+        yield
+    finally:
+        sys.modules.update(hidden)
 
 
 @contextlib.contextmanager
