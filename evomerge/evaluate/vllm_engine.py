@@ -52,6 +52,21 @@ def require_vllm() -> None:
         raise VllmUnavailable(f"evaluation.backend: vllm, but vLLM is not installed; {INSTALL_HINT}")
 
 
+BACKENDS = ("hf", "vllm", "auto")
+
+
+def resolve_backend(backend: str) -> str:
+    """The backend a worker scores on: ``auto`` is vLLM where it is installed, else the transformers
+    model; ``vllm`` is checked installed (the driver resolves once, each worker checks its own machine)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"evaluation.backend '{backend}' is not one of {list(BACKENDS)}")
+    if backend == "auto":
+        return "vllm" if vllm_installed() else "hf"
+    if backend == "vllm":
+        require_vllm()
+    return backend
+
+
 @dataclass
 class VllmSettings:
     """What the engine is started with (``evaluation.vllm`` in an experiment).

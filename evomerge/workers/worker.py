@@ -22,7 +22,7 @@ from transformers import AutoTokenizer, PreTrainedModel
 
 from evomerge.evaluate.base import EvalContext, ItemResponses
 from evomerge.evaluate.registry import make_evaluator, run_fitness
-from evomerge.evaluate.vllm_engine import VllmModel, VllmSettings, require_vllm, vllm_installed
+from evomerge.evaluate.vllm_engine import VllmModel, VllmSettings, resolve_backend
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.dfs_export import dfs_tensors
 from evomerge.merge.dfs_model import build_dfs_model
@@ -90,6 +90,7 @@ class Worker:
             self._dfs_slots = (evaluation or {}).get("dfs_slots")
             self._slots = self.engine.num_layers  # layers of the running engine
             self._slot_dir: tempfile.TemporaryDirectory[str] | None = None
+            self._identity_layer: tuple[str, dict[str, torch.Tensor]] | None = None
             self.vllm = self._start_vllm(self.engine.sources.paths[base])
 
     def _start_vllm(self, folder: str | Path, **extra: Any) -> VllmModel:
@@ -130,8 +131,8 @@ class Worker:
         self._slots = depth
 
     def _identity(self) -> tuple[str, dict[str, torch.Tensor]]:
-        """The layer prefix and an identity layer (the base's layer 0, residual writes zero)."""
-        if not hasattr(self, "_identity_layer"):
+        """The layer prefix and an identity layer (the base's layer 0, residual writes zero), built once."""
+        if self._identity_layer is None:
             prefix = layer_prefix(self.engine.tensor_names)
             layer0 = {n[len(prefix) + 2:]: self.engine.base_tensor(n) for n in self.engine.tensor_names
                       if n.startswith(prefix + "0.")}
@@ -235,16 +236,3 @@ class Worker:
                     "kv_cache_bytes": self.vllm.kv_cache_bytes, "slots": self._slots,
                     "max_model_len": self.vllm.max_model_len}}
 
-
-BACKENDS = ("hf", "vllm", "auto")
-
-
-def resolve_backend(backend: str) -> str:
-    """``auto``: vLLM where it is installed, else the transformers model; ``vllm`` checked installed."""
-    if backend not in BACKENDS:
-        raise ValueError(f"evaluation.backend '{backend}' is not one of {list(BACKENDS)}")
-    if backend == "auto":
-        return "vllm" if vllm_installed() else "hf"
-    if backend == "vllm":
-        require_vllm()
-    return backend
