@@ -12,39 +12,17 @@ stopped for a day and resumed reports its current speed, and the estimate of tim
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
+from evomerge.run_folder import RunFolder
 from evomerge.runstore import RunStore
 
 #: evaluations over which throughput (and so the time left) is measured
 RATE_WINDOW = 30
 
 
-def phase_budgets(run_dir: Path) -> list[int]:
-    """Each phase's budget of candidates, from the frozen experiment (not validated again: a status
-    must work with whatever the run was started with)."""
-    frozen = run_dir / "experiment.yaml"
-    if not frozen.exists():
-        raise ValueError(f"{run_dir} holds no run (no experiment.yaml); start one with `evomerge search`")
-    data = yaml.safe_load(frozen.read_text()) or {}
-    if data.get("phases"):
-        return [int(p["budget"]) for p in data["phases"]]
-    return [int((data.get("budget") or {}).get("evaluations", 0))]
-
-
-def phase_stores(run_dir: Path) -> list[tuple[int, str, Path]]:
-    """(index, kind, run store path) of every phase begun so far, in order."""
-    out = []
-    for d in run_dir.glob("phase*-*"):
-        head, _, kind = d.name.partition("-")
-        if head[5:].isdigit() and (d / "run.sqlite").exists():
-            out.append((int(head[5:]), kind, d / "run.sqlite"))
-    return sorted(out)
 
 
 def phase_status(store: RunStore, index: int, kind: str, budget: int, now: float,
@@ -96,16 +74,16 @@ def run_status(run_dir: str | Path, now: Optional[float] = None,
     """The whole run as plain values (what ``--json`` prints); ``cache`` (kept by the caller between
     refreshes) holds each store's items per evaluation."""
     run_dir = Path(run_dir)
+    folder = RunFolder(run_dir)
     now = time.time() if now is None else now
-    budgets = phase_budgets(run_dir)
+    budgets = folder.budgets()
     phases = []
-    for index, kind, path in phase_stores(run_dir):
+    for index, kind, path in folder.phase_stores():
         with RunStore(path, readonly=True) as store:
             seen = None if cache is None else cache.setdefault(str(path), {})
             phases.append(phase_status(store, index, kind, budgets[index] if index < len(budgets) else 0, now, seen))
-    hand_path = run_dir / "hand_recipes.json"
-    hand = json.loads(hand_path.read_text()) if hand_path.exists() else {}
-    if (run_dir / "summary.json").exists():
+    hand = folder.read_json(folder.hand_recipes, {})
+    if folder.summary.exists():
         state = "done"
     elif not phases:
         state = "starting (models, benchmark checks, hand recipes)" if not hand else "starting the search"
@@ -121,7 +99,7 @@ def run_status(run_dir: str | Path, now: Optional[float] = None,
         left = current["left_s"] + (later / rate * 60.0 if later and rate else 0.0)
     last = max((p["last_activity_at"] for p in phases if p["last_activity_at"]), default=None)
     # since the experiment was frozen into the folder (``evomerge search``), resumes and pauses included
-    started = min([(run_dir / "experiment.yaml").stat().st_mtime]
+    started = min([folder.experiment.stat().st_mtime]
                   + [p["started_at"] for p in phases if p["started_at"]])
     return {
         "run_dir": str(run_dir), "state": state, "phases_total": len(budgets), "phases": phases,
