@@ -18,7 +18,6 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from evomerge import outputs
 from evomerge.config import DFSSpace, Experiment, PSSpace, experiment_from_data, read_experiment_yaml
@@ -37,6 +36,7 @@ from evomerge.fingerprint import changes, fingerprint
 from evomerge.loop import open_searcher, run_request, search
 from evomerge.objectives import Objectives
 from evomerge.outputs import PhaseResult
+from evomerge.progress import phase_progress
 from evomerge.recipe import Recipe, hand_recipe, single_model, with_paths
 from evomerge.refs import resolve_model_ref
 from evomerge.run_folder import GENES, RunFolder
@@ -269,15 +269,11 @@ class Job:
 
         view = PhaseView(k, store, recipe_of)
         estimator.begin_phase(view, gen)
-        columns = [TextColumn(f"phase {k} ({space.kind})"), BarColumn(),
-                   TextColumn("{task.completed}/{task.total} evals"), TextColumn("gen {task.fields[gen]}"),
-                   TextColumn("best {task.fields[best]}"), TimeElapsedColumn(), TimeRemainingColumn()]
-        with Progress(*columns, console=self.console, transient=False) as progress:
-            task = progress.add_task("search", total=budget, completed=min(store.count(), budget), gen=gen,
-                                     best=_best_text(store))
+        with phase_progress(self.console, f"phase {k} ({space.kind})", budget, min(store.count(), budget), gen,
+                            _best_text(store)) as progress:
 
             def show(generation: int) -> None:
-                progress.update(task, completed=min(store.count(), budget), gen=generation, best=_best_text(store))
+                progress.update(min(store.count(), budget), generation, _best_text(store))
                 self.tracker.on_progress(k, store, generation)
 
             search(searcher, store, self.pool, decode, estimator, view, self.objectives, budget, gen, show)
@@ -402,8 +398,10 @@ def start(exp_path: str | Path, output_dir: str | Path | None = None, console: C
     data.update(overrides or {})
     exp = experiment_from_data(data, exp_path)
     folder = RunFolder(Path(output_dir or exp.output_dir or Path("runs") / exp.name))
-    _refuse_a_run(folder, restart)
-    prints = run_fingerprint(exp, exp_path.parent)
+    if folder.root.exists():  # in use by another process, or a run: said before the checks
+        with folder.lock():
+            _refuse_a_run(folder, restart)
+    prints = run_fingerprint(exp, exp_path.parent)  # a new folder is made only once these pass
     with folder.lock():
         _refuse_a_run(folder, restart)  # again: another process may have begun one meanwhile
         if restart or folder.recorded_fingerprint() != prints:
