@@ -21,6 +21,7 @@ from rich.table import Table
 
 from evomerge import report
 from evomerge.config import Experiment, Reference
+from evomerge.estimators.calibrations import CalibrationLog
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.dfs_export import merge_plan_to_disk
 from evomerge.merge.files import merge_to_disk
@@ -92,12 +93,8 @@ def items_scored(run_dir: Path, phases: Sequence[PhaseResult], full_items: int, 
     refits score no item (they refit on answers already counted, so the part is 0 and
     ``refit_count`` says how many there were); final: the candidates scored on every item to confirm
     the final choice; report: those scored on every item only to measure the estimator's error."""
-    calibration = 0
-    folder = RunFolder(run_dir)
-    initial = folder.calibration / "initial"
-    for pop in sorted(initial.glob("*.population.npz")) if (initial / "complete").exists() else []:
-        with np.load(pop, allow_pickle=False) as z:
-            calibration += int(np.isfinite(z["responses"]).sum())
+    log = CalibrationLog(run_dir)
+    calibration = log.initial_responses()
     search = drift = final = report = refits = 0
     for ph in phases:
         assert ph.store_path is not None
@@ -109,7 +106,7 @@ def items_scored(run_dir: Path, phases: Sequence[PhaseResult], full_items: int, 
                 items = sum(x["items"] for x in s.values())
                 final += items if h in chosen_among else 0
                 report += 0 if h in chosen_among else items
-        refits += sum(1 for p in folder.calibration.glob(f"t{ph.index:03d}*") if (p / "complete").exists())
+        refits += log.refits(ph.index)
     parts = {"calibration": calibration, "search": search, "refits": 0, "drift": drift, "final": final,
              "report": report, "references": references * full_items, "checks": checked}
     return {"total": sum(parts.values()), **parts, "refit_count": refits, "full_evaluation": full_items,

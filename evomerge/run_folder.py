@@ -56,6 +56,20 @@ class RunInUse(ValueError):
     """Another process holds the run folder's lock."""
 
 
+_HELD: set[int] = set()  # lock file descriptors this process holds
+
+
+def _close_in_child() -> None:
+    """A forked child (a multiprocessing worker, an engine process) closes its copy of the lock, so the
+    lock lives and dies with the process that took it, not with an orphaned child."""
+    for fd in _HELD:
+        os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
+
+
 @dataclass(frozen=True)
 class RunFolder:
     root: Path
@@ -197,6 +211,8 @@ class RunFolder:
                                f"stands") from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            _HELD.add(fd)
             yield
         finally:
+            _HELD.discard(fd)
             os.close(fd)  # releases the lock

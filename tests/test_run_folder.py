@@ -72,8 +72,10 @@ def copy_run(run: Path, tmp: Path) -> Path:
 
 
 def snapshot(run: Path) -> dict[str, bytes]:
+    """Every file of the run but the lock and SQLite's shared-memory index and write-ahead log, which
+    opening a WAL store for reading may create (they hold no data of the run)."""
     return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*"))
-            if p.is_file() and p.name != "run.lock"}
+            if p.is_file() and p.name != "run.lock" and not p.name.endswith(("-shm", "-wal"))}
 
 
 # -- a failed start does not block its fix ----------------------------------------------------------
@@ -122,9 +124,9 @@ def test_clear_removes_only_what_a_run_writes(tmp_path):
 # -- fingerprint and resume -------------------------------------------------------------------------
 @pytest.mark.parametrize("change, said", [
     (lambda exp, tmp: exp.update(seed=4), "seed (3 -> 4)"),
-    (lambda exp, tmp: exp.update(search_space="ps_ties_layers"), "search space"),
+    (lambda exp, tmp: exp.update(search_space="ps_dare_ties_layers"), "search space"),
     (lambda exp, tmp: exp.update(budget={"evaluations": 3}), "budget ([2] -> [3])"),
-    (lambda exp, tmp: exp["fitness"].update(estimator={"kind": "subsample", "budget": 8}), "fitness.estimator"),
+    (lambda exp, tmp: exp["fitness"].update(estimator={"kind": "random", "budget": 8}), "fitness.estimator"),
 ])
 def test_resume_refuses_an_edited_experiment_before_writing(finished, tmp_path, change, said):
     run = copy_run(finished, tmp_path)
@@ -245,3 +247,47 @@ def test_a_dfs_search_beaten_by_a_hand_recipe_exports_it_and_writes_the_report(z
     report = (run / "report.md").read_text()
     assert "## Phase 0: dfs" in report and "layer_plan." in report
     assert "the hand recipe 'uniform merge' scored higher and is exported as best" in report
+
+
+def test_a_forked_child_does_not_keep_the_lock(tmp_path):
+    """A child forked while the lock is held (multiprocessing, an engine process) does not hold it once
+    its parent is gone: the lock is released with the process that took it."""
+    folder = RunFolder(tmp_path / "run")
+    ready_r, ready_w = os.pipe()
+    done_r, done_w = os.pipe()
+    holder = os.fork()
+    if holder == 0:  # the "driver": takes the lock, forks a long-lived child, then dies
+        try:
+            with folder.lock():
+                if os.fork() == 0:  # the orphan: waits until the test has checked the lock
+                    os.read(done_r, 1)
+                    os._exit(0)
+                os.write(ready_w, b"x")
+        finally:
+            os._exit(0)
+    os.read(ready_r, 1)
+    os.waitpid(holder, 0)  # the driver is gone; its orphan still runs
+    try:
+        with folder.lock():
+            pass
+    finally:
+        os.write(done_w, b"x")
+
+
+def test_a_model_folder_changed_on_disk_is_named(tmp_path):
+    """Weights are fingerprinted by name, size and mtime (never read), small files by content."""
+    from evomerge.fingerprint import changes, model_signature
+
+    model = tmp_path / "expert"
+    model.mkdir()
+    (model / "config.json").write_text('{"hidden_size": 8}')
+    (model / "model.safetensors").write_bytes(b"\0" * (2 << 20))
+    before = {"models.expert": f"./expert @ {model} #{model_signature(model)}", "seed": "0"}
+    assert changes(before, {**before}) == []
+    os.utime(model / "model.safetensors", ns=(1, 1))  # the weights rewritten (same size)
+    after = {"models.expert": f"./expert @ {model} #{model_signature(model)}", "seed": "0"}
+    assert changes(before, after) == ["models.expert (its files changed)"]
+    (model / "config.json").write_text('{"hidden_size": 9}')
+    moved = {"models.expert": f"./other @ {tmp_path / 'other'} #{model_signature(model)}", "seed": "1"}
+    assert changes(before, moved) == [f"models.expert (./expert @ {model} -> ./other @ {tmp_path / 'other'})",
+                                      "seed (0 -> 1)"]
