@@ -404,12 +404,15 @@ def start(exp_path: str | Path, output_dir: str | Path | None = None, console: C
     prints = run_fingerprint(exp, exp_path.parent)  # a new folder is made only once these pass
     with folder.lock():
         _refuse_a_run(folder, restart)  # again: another process may have begun one meanwhile
-        if restart or folder.recorded_fingerprint() != prints:
+        ours = folder.experiment.exists() or folder.fingerprint.exists()  # a folder we did not make: untouched
+        if ours and (restart or folder.recorded_fingerprint() != prints):
             gone = folder.clear()
-            if gone:
-                why = "--restart" if restart else "an earlier start never reached the search"
-                console.print(f"[yellow]{why}: removed {len(gone)} file(s) and folder(s) it left in "
-                              f"{folder.root}[/yellow]", soft_wrap=True)
+            why = "--restart" if restart else "an earlier start never reached the search"
+            console.print(f"[yellow]{why}: removed {len(gone)} file(s) and folder(s) it left in "
+                          f"{folder.root}[/yellow]", soft_wrap=True)
+        elif ours:
+            console.print(f"continuing the start in {folder.root} (the same experiment; its search had not "
+                          f"begun; what it scored is kept)", soft_wrap=True)
         folder.freeze({**data, "_experiment_dir": str(exp_path.parent)}, prints)
         _run_job(exp, folder.root, exp_path.parent, console)
     return folder.root
@@ -426,6 +429,7 @@ def resume(run_dir: str | Path, console: Console | None = None, overrides: Optio
     bad = set(overrides or {}) - RESUMABLE_OVERRIDES
     if bad:
         raise ValueError(f"resume can change only {sorted(RESUMABLE_OVERRIDES)}, not {sorted(bad)}")
+    folder.frozen()  # a folder that holds no run is refused before the lock file is made
     with folder.lock():
         data, exp_dir = folder.frozen()
         data.update(overrides or {})

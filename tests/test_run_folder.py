@@ -291,3 +291,18 @@ def test_a_model_folder_changed_on_disk_is_named(tmp_path):
     moved = {"models.expert": f"./other @ {tmp_path / 'other'} #{model_signature(model)}", "seed": "1"}
     assert changes(before, moved) == [f"models.expert (./expert @ {model} -> ./other @ {tmp_path / 'other'})",
                                       "seed (0 -> 1)"]
+
+
+def test_a_folder_evomerge_did_not_make_is_never_cleared(zoo, tmp_path):
+    """`-o` pointed at a folder of one's own (here with a `best/` of its own): nothing of it is removed,
+    even with --restart, since it holds no experiment.yaml or fingerprint of a run."""
+    mine = tmp_path / "mine"
+    (mine / "best").mkdir(parents=True)
+    (mine / "best" / "weights.bin").write_bytes(b"1")
+    fn = tmp_path / "broken.py"
+    fn.write_text("def score(model, tokenizer, ctx):\n    raise RuntimeError('stop here')\n")
+    exp = write_experiment(zoo, tmp_path, fitness={"objectives": [
+        {"name": "rev", "benchmark": {"type": "custom", "fn": f"{fn}:score"}}]})
+    with pytest.raises(ValueError, match="stop here"):
+        start(exp, mine, Console(file=io.StringIO()), restart=True)
+    assert (mine / "best" / "weights.bin").read_bytes() == b"1"
