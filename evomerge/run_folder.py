@@ -20,6 +20,7 @@ import fcntl
 import json
 import os
 import shutil
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,6 +196,21 @@ class RunFolder:
         return gone
 
     # -- one process per folder -----------------------------------------------------------------
+    def holder(self) -> str | None:
+        """The pid of the process working in the folder, None when none is (a killed one holds nothing).
+        A shared lock held for an instant; a ``lock`` that meets it tries again."""
+        try:
+            fd = os.open(self.lock_file, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return None
+        except BlockingIOError:
+            return os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+        finally:
+            os.close(fd)
+
     @contextmanager
     def lock(self) -> Iterator[None]:
         """Hold the folder for this process (``flock``: the kernel releases it when the process dies,
@@ -202,9 +218,13 @@ class RunFolder:
         self.root.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            for attempt in range(5):  # a reader's ``holder`` holds it for an instant only
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    time.sleep(0.02)
+            else:
                 pid = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
                 raise RunInUse(f"{self.root} is in use by evomerge process {pid} (a search or resume); wait for "
                                f"it to end or stop it (kill {pid}); `evomerge status {self.root}` shows where it "

@@ -83,8 +83,14 @@ def run_status(run_dir: str | Path, now: Optional[float] = None,
             seen = None if cache is None else cache.setdefault(str(path), {})
             phases.append(phase_status(store, index, kind, budgets[index] if index < len(budgets) else 0, now, seen))
     hand = folder.read_json(folder.hand_recipes, {})
+    pid = folder.holder()  # the process working in the folder (the lock's holder), None when none is
     if folder.summary.exists():
         state = "done"
+    elif pid is None:
+        state = ("stopped before its search began" if not phases else
+                 "stopped after its search (final choice, export, held-out test left)"
+                 if len(phases) == len(budgets) and phases[-1]["done"] >= phases[-1]["budget"] else
+                 f"stopped in phase {phases[-1]['index']} ({phases[-1]['kind']})")
     elif not phases:
         state = "starting (models, benchmark checks, hand recipes)" if not hand else "starting the search"
     elif len(phases) == len(budgets) and phases[-1]["done"] >= phases[-1]["budget"]:
@@ -102,7 +108,7 @@ def run_status(run_dir: str | Path, now: Optional[float] = None,
     started = min([folder.experiment.stat().st_mtime]
                   + [p["started_at"] for p in phases if p["started_at"]])
     return {
-        "run_dir": str(run_dir), "state": state, "phases_total": len(budgets), "phases": phases,
+        "run_dir": str(run_dir), "state": state, "pid": pid, "phases_total": len(budgets), "phases": phases,
         "hand_recipes": {n: h.get("fitness") for n, h in hand.items()},
         "elapsed_s": (now - started) if started else 0.0,
         "left_s": None if state == "done" else left,
@@ -131,7 +137,10 @@ def render(status: dict[str, Any]) -> Any:
              Text(f"elapsed {_duration(status['elapsed_s'])}, left ~{_duration(status['left_s'])}"
                   if status["state"] != "done" else f"elapsed {_duration(status['elapsed_s'])}")]
     idle = status.get("idle_s")
-    if status["state"] != "done" and idle is not None and idle > 600:
+    if status["state"].startswith("stopped"):
+        lines.append(Text(f"no process is running it: continue it with `evomerge resume {status['run_dir']}`",
+                          style="yellow"))
+    elif status["state"] != "done" and idle is not None and idle > 600:
         lines.append(Text(f"no activity for {_duration(idle)}: stopped or killed? continue it with "
                           f"`evomerge resume {status['run_dir']}`", style="yellow"))
     if status["hand_recipes"]:

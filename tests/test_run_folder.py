@@ -192,7 +192,9 @@ def test_a_second_process_is_refused_and_a_killed_holder_releases_the_lock(zoo, 
         line = error_line(cli("search", str(exp), "-o", str(run)))
         assert f"in use by evomerge process {proc.pid}" in line, line
         status = cli("status", str(run), "--json")  # readers take no lock
-        assert status.returncode == 0 and json.loads(status.stdout)["phases"][0]["done"] >= 1, status.stderr
+        assert status.returncode == 0, status.stderr
+        running = json.loads(status.stdout)
+        assert running["phases"][0]["done"] >= 1 and running["pid"] == str(proc.pid)
         with RunStore(store, readonly=True) as s:
             rank = cli("export", str(run), "--hash", s.evaluations("ok")[0].genome_hash[:16], "-o",
                        str(tmp_path / "out"))
@@ -202,6 +204,8 @@ def test_a_second_process_is_refused_and_a_killed_holder_releases_the_lock(zoo, 
         log = proc.communicate()[0]
     # without a terminal (a pipe here, a file under nohup or SLURM) the search logs plain progress lines
     assert "phase 0 (ps): 1/600 candidates, generation 1, best " in log, log
+    stopped = json.loads(cli("status", str(run), "--json").stdout)
+    assert stopped["pid"] is None and stopped["state"] == "stopped in phase 0 (ps)"
     with RunFolder(run).lock():  # the kernel released the dead holder's lock
         assert (run / "run.lock").read_text().strip() == str(os.getpid())
 
