@@ -398,7 +398,7 @@ def start(exp_path: str | Path, output_dir: str | Path | None = None, console: C
     data.update(overrides or {})
     exp = experiment_from_data(data, exp_path)
     folder = RunFolder(Path(output_dir or exp.output_dir or Path("runs") / exp.name))
-    if folder.root.exists():  # in use by another process, or a run: said before the checks
+    if folder.lock_file.exists():  # in use by another process, or a run: said before the checks
         with folder.lock():
             _refuse_a_run(folder, restart)
     prints = run_fingerprint(exp, exp_path.parent)  # a new folder is made only once these pass
