@@ -310,3 +310,11 @@ def test_a_folder_evomerge_did_not_make_is_never_cleared(zoo, tmp_path):
     with pytest.raises(ValueError, match="stop here"):
         start(exp, mine, Console(file=io.StringIO()), restart=True)
     assert (mine / "best" / "weights.bin").read_bytes() == b"1"
+
+
+def test_a_missing_model_folder_leaves_no_run_folder(zoo, tmp_path):
+    """Found before anything is written (before: RUN/experiment.yaml was left, and blocked the fix)."""
+    exp = write_experiment(zoo, tmp_path, models={"base": "zoo:base", "rev": "./no_such_model", "tr": "zoo:tr"})
+    line = error_line(cli("search", str(exp), "-o", str(tmp_path / "run")))
+    assert "models.rev" in line and "no_such_model" in line, line
+    assert not (tmp_path / "run").exists()
