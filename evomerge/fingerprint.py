@@ -4,9 +4,9 @@ A run scores candidates of a search space on benchmark items with merges of mode
 seed, a searcher and an estimator. Each of these is one part of the fingerprint: short values are
 kept as they are (the seed), the others as a short hash of their content: the model folders (every
 file's name and size, the modification time of weight files, the content of the small ones), the
-item files (the items themselves, wherever they were read from), the search spaces as loaded
-(preset files included), the settings of the searcher, the estimator, the objectives, the
-references, the precision and the evaluation. Where the work runs (workers, address, memory), the
+item files (the items themselves, wherever they were read from), custom fitness files, the search
+spaces as loaded (preset files included), the settings of the searcher, the estimator, the
+objectives, the references, the precision and the evaluation. Where the work runs (workers, address, memory), the
 device, the output settings and the trackers are left out: a resume may change them.
 """
 
@@ -39,8 +39,9 @@ def model_signature(folder: Path) -> str:
 
 
 def item_signatures(exp: Experiment, exp_dir: Path) -> dict[str, str]:
-    """The items of every item benchmark (fitness and test), by content: an item file edited in place
-    changes its part even though the experiment names the same path."""
+    """The items of every item benchmark (fitness and test) and the file of every custom fitness
+    function, by content: a file edited in place changes its part though the experiment names the
+    same path."""
     from evomerge.evaluate.builtin import ItemsBenchmark
     from evomerge.evaluate.registry import make_evaluator
 
@@ -51,6 +52,12 @@ def item_signatures(exp: Experiment, exp_dir: Path) -> dict[str, str]:
                 bench = make_evaluator(o.benchmark, exp_dir)
                 assert isinstance(bench, ItemsBenchmark)
                 out[f"items of {which} '{o.name}'"] = _digest([repr(it) for it in bench.items])
+            elif o.benchmark.get("type") == "custom":  # a function in a file: the file's text
+                target = str(o.benchmark.get("fn", "")).rpartition(":")[0]
+                path = Path(target).expanduser()
+                path = path if path.is_absolute() else exp_dir / path
+                if target.endswith(".py") and path.is_file():
+                    out[f"fitness function of {which} '{o.name}'"] = _digest(path.read_text())
     return out
 
 
