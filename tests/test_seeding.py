@@ -144,3 +144,33 @@ def test_a_search_starts_from_the_best_contained_hand_recipe(zoo, tmp_path, caps
                searcher={"name": "cmaes", "options": {"popsize": 4}, "seed_from_hand_recipes": False})
     off = store_genomes(start(tmp_path / "exp.yaml", tmp_path / "off"))
     assert len(off) == 4 and not any(np.all(g == g[0]) for g in off)
+
+
+def test_job_picks_the_best_contained_recipe_and_says_when_none_is_contained():
+    """``Job.hand_seeds`` from RUN/hand_recipes.json alone: best contained first (TIES scores higher
+    but is not in a task-arithmetic space), every contained one for several objectives, none in DFS."""
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from evomerge.config import DEFAULT_REFERENCES
+    from evomerge.run import Job
+
+    console = Console(record=True, width=200)
+    refs = {r.name: r for r in DEFAULT_REFERENCES}
+    fake = SimpleNamespace(
+        exp=SimpleNamespace(searcher=SimpleNamespace(seed_from_hand_recipes=True)),
+        hand={"uniform merge": {"fitness": 0.55}, "task arithmetic (w=1)": {"fitness": 0.6},
+              "TIES (d=0.5, w=1)": {"fitness": 0.7}, "DARE-TIES (d=0.5, w=1)": {"fitness": None}},
+        objectives=SimpleNamespace(n_obj=1), console=console,
+        hand_recipe=lambda n: hand_recipe(refs[n].method, "base", SOURCES, refs[n].weight, refs[n].density))
+    g = ps()
+    seeds = Job.hand_seeds(fake, 0, g.space, g)  # type: ignore[arg-type]
+    assert [n for n, _ in seeds] == ["task arithmetic (w=1)"] and np.all(seeds[0][1] == 1.0)
+    fake.objectives.n_obj = 2
+    assert [n for n, _ in Job.hand_seeds(fake, 0, g.space, g)] == ["task arithmetic (w=1)", "uniform merge"]
+    dfs = DFSGenome(DFSSpace(repeats=2), [("base", 4), ("rev", 4)])
+    assert Job.hand_seeds(fake, 1, dfs.space, dfs) == []
+    assert "no hand recipe lies in phase 1's space (dfs, layer plan)" in console.export_text()
+    fake.exp.searcher.seed_from_hand_recipes = False
+    assert Job.hand_seeds(fake, 0, g.space, g) == []
