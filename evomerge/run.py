@@ -349,7 +349,8 @@ class Job:
         top = max(scored, key=lambda n: scored[n], default=None)
         if self.objectives.n_obj == 1 and top is not None and scored[top] > final.full_fitness:
             self.console.print(f"[yellow]the hand recipe '{top}' scores {scored[top]:.4f} on the fitness split, "
-                               f"above the search's best ({final.full_fitness:.4f}): it is exported as best[/yellow]")
+                               f"above the search's best ({final.full_fitness:.4f}): it is exported as best[/yellow]",
+                               soft_wrap=True)
             exported = [self.hand_recipe(top)]  # the phase keeps its own recipes: its report section
             final.exported_hand_recipe = top     # draws the search's best (a DFS layer plan, say)
         chosen: dict[str, Recipe] = {}
