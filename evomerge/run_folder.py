@@ -73,6 +73,8 @@ os.register_at_fork(after_in_child=_close_in_child)
 
 @dataclass(frozen=True)
 class RunFolder:
+    """One run folder: paths by name, its frozen experiment, whether its search began, its lock."""
+
     root: Path
 
     def __post_init__(self) -> None:
