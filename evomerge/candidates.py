@@ -10,36 +10,26 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
-import yaml
 
 from evomerge import outputs
 from evomerge.objectives import named, pareto_mask
 from evomerge.recipe import Recipe
 from evomerge.refs import resolve_model_ref
+from evomerge.run_folder import RunFolder
 from evomerge.runstore import Evaluation, RunStore
-from evomerge.status import phase_stores
-
-
-def frozen_experiment(run_dir: Path) -> tuple[dict[str, Any], Path]:
-    """The frozen experiment's data and the folder its relative references are resolved from."""
-    path = run_dir / "experiment.yaml"
-    if not path.exists():
-        raise ValueError(f"{run_dir} holds no run (no experiment.yaml)")
-    data = yaml.safe_load(path.read_text())
-    return data, Path(data.pop("_experiment_dir", run_dir))
 
 
 def model_paths(run_dir: Path) -> dict[str, Path]:
-    data, exp_dir = frozen_experiment(run_dir)
+    data, exp_dir = RunFolder(run_dir).frozen()
     return {name: resolve_model_ref(ref, exp_dir) for name, ref in data["models"].items()}
 
 
 def phase_store(run_dir: Path, phase: Optional[int] = None) -> Path:
     """The run store of ``phase`` (default: the last phase begun)."""
-    stores = phase_stores(run_dir)
+    stores = RunFolder(run_dir).phase_stores()
     if not stores:
         raise ValueError(f"{run_dir} has no phase with a run store yet (the search has not begun)")
     if phase is None:
@@ -90,7 +80,7 @@ def export_candidates(run_dir: str | Path, out: str | Path, rank: Optional[int] 
     (``OUT.mergekit.yml`` or ``OUT.layer_plan.yml``) and ``OUT.candidate.json`` (hash, fitness,
     objectives, generation). ``--pareto`` writes ``OUT/pareto-1`` ... in order of fitness."""
     run_dir, out = Path(run_dir), Path(out)
-    data, _ = frozen_experiment(run_dir)
+    data, _ = RunFolder(run_dir).frozen()
     with RunStore(phase_store(run_dir, phase), readonly=True) as store:
         picks = choose(store.evaluations(), rank, hash_prefix, pareto)
     paths = model_paths(run_dir)

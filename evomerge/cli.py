@@ -128,12 +128,14 @@ def search(experiment: Path = typer.Argument(..., exists=True, dir_okay=False, h
            workers: Optional[int] = typer.Option(None, help="Worker actors (default: the experiment's)."),
            gpus_per_worker: Optional[float] = typer.Option(None, help="GPUs per worker; fractions allowed."),
            seed: Optional[int] = typer.Option(None, help="Override the experiment's seed."),
+           restart: bool = typer.Option(False, "--restart", help="Start over in a run folder whose search began: "
+                                                                  "deletes its results first."),
            ) -> None:
     """Run a search: validate everything first, then ask / evaluate / tell, checkpointing each step."""
     from evomerge.run import start
 
     overrides = _overrides(address=address, workers=workers, gpus_per_worker=gpus_per_worker, seed=seed)
-    print(_search_job(lambda: start(experiment, output_dir, console, overrides)))
+    print(_search_job(lambda: start(experiment, output_dir, console, overrides, restart)))
 
 
 def _overrides(**values: Any) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from evomerge.estimators import Cut, FitnessEstimator, PhaseView, Requests, Scor
 from evomerge.evaluate.base import ItemResponses
 from evomerge.objectives import Objectives
 from evomerge.recipe import Recipe
+from evomerge.run_folder import RACE
 from evomerge.runstore import Evaluation, RunStore, genome_hash
 from evomerge.searchers import Searcher
 from evomerge.workers import CandidateResult, Pool, Task, run_tasks
@@ -324,7 +325,7 @@ class Loop:
     # -- racing ---------------------------------------------------------------------------------
     def start_race(self, batch: Batch) -> Race | None:
         r = Race(self.generation, {genome_hash(g): g for g in batch.genomes})
-        saved = self.store.get_meta("race") or {}
+        saved = self.store.get_meta(RACE) or {}
         if saved.get("generation") == self.generation and batch.waiting <= set(saved.get("candidates", {})):
             for h in batch.waiting:  # resumed in the middle of this generation's race
                 self.candidates[h].restore(saved["candidates"][h])
@@ -353,7 +354,7 @@ class Loop:
         decisions = self.estimator.race(answered, active, selection_cut(self.searcher, self.store, r.genomes))
         more = {h: d for (h, on, d) in zip(r.genomes, active, decisions) if on and d is not None}
         r.settled |= {h for h in r.genomes if h in candidates and h not in more}
-        self.store.set_meta("race", {"generation": r.generation, "settled": sorted(r.settled),
+        self.store.set_meta(RACE, {"generation": r.generation, "settled": sorted(r.settled),
                                      "candidates": {h: candidates[h].to_json() for h in r.genomes
                                                     if h in candidates}})
         for h, d in more.items():

@@ -21,12 +21,14 @@ from rich.table import Table
 
 from evomerge import report
 from evomerge.config import Experiment, Reference
+from evomerge.estimators.calibrations import CalibrationLog
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.dfs_export import merge_plan_to_disk
 from evomerge.merge.files import merge_to_disk
 from evomerge.merge.plan_to_mergekit import LLAMA_WRITES, WRITES_BY_MODEL_TYPE, plan_to_mergekit
 from evomerge.objectives import Objectives
 from evomerge.recipe import Recipe, hand_recipe, single_model, with_paths
+from evomerge.run_folder import RunFolder, drift_log, final_confirmed, full_scores
 from evomerge.runstore import Evaluation, RunStore
 
 
@@ -91,23 +93,20 @@ def items_scored(run_dir: Path, phases: Sequence[PhaseResult], full_items: int, 
     refits score no item (they refit on answers already counted, so the part is 0 and
     ``refit_count`` says how many there were); final: the candidates scored on every item to confirm
     the final choice; report: those scored on every item only to measure the estimator's error."""
-    calibration = 0
-    initial = run_dir / "calibration" / "initial"
-    for pop in sorted(initial.glob("*.population.npz")) if (initial / "complete").exists() else []:
-        with np.load(pop, allow_pickle=False) as z:
-            calibration += int(np.isfinite(z["responses"]).sum())
+    log = CalibrationLog(run_dir)
+    calibration = log.initial_responses()
     search = drift = final = report = refits = 0
     for ph in phases:
         assert ph.store_path is not None
         with RunStore(ph.store_path, readonly=True) as store:
             search += sum(len(r["item_ids"]) for e in store.evaluations() for r in (e.responses or []))
-            drift += len(store.get_meta("drift", []) or []) * (sample_items or full_items)
-            chosen_among = set(store.get_meta("final_confirmed", []) or [])
-            for h, s in (store.get_meta("full_scores", {}) or {}).items():
+            drift += len(drift_log(store)) * (sample_items or full_items)
+            chosen_among = set(final_confirmed(store))
+            for h, s in full_scores(store).items():
                 items = sum(x["items"] for x in s.values())
                 final += items if h in chosen_among else 0
                 report += 0 if h in chosen_among else items
-        refits += sum(1 for p in (run_dir / "calibration").glob(f"t{ph.index:03d}*") if (p / "complete").exists())
+        refits += log.refits(ph.index)
     parts = {"calibration": calibration, "search": search, "refits": 0, "drift": drift, "final": final,
              "report": report, "references": references * full_items, "checks": checked}
     return {"total": sum(parts.values()), **parts, "refit_count": refits, "full_evaluation": full_items,
@@ -121,7 +120,8 @@ def write_outputs(run_dir: Path, exp: Experiment, phases: list[PhaseResult], obj
                   items: Mapping[str, int] | None = None, memory: Sequence[Mapping[str, Any]] = ()) -> Path:
     """test_results.json, summary.json, each phase's history and plots, report.md; the test table printed."""
     final = phases[-1]
-    (run_dir / "test_results.json").write_text(json.dumps(test, indent=1))
+    folder = RunFolder(run_dir)
+    folder.test_results.write_text(json.dumps(test, indent=1))
     sections = [_phase_section(run_dir, ph, objectives, exp.fitness.estimator.kind != "full", exp.export.figures,
                                dict(zip(chosen, final.best)) if ph is final else {}) for ph in phases]
     summary = {
@@ -135,7 +135,7 @@ def write_outputs(run_dir: Path, exp: Experiment, phases: list[PhaseResult], obj
         "items_scored": dict(items or {}),
         "memory": [dict(m) for m in memory],
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+    folder.summary.write_text(json.dumps(summary, indent=1, default=float))
     _write_report(run_dir, exp, sections, test, util, chosen, final, hand or {}, memory)
     _print_test(console, exp, test, run_dir)
     return run_dir
@@ -145,16 +145,15 @@ def reference_points(run_dir: Path) -> dict[str, dict[str, Any]]:
     """The sources (``sources.json``) and hand recipes (``hand_recipes.json``) as scored on the
     fitness split at the start of the run: {name: {"fitness", "objectives"}}, failures left out."""
     out: dict[str, dict[str, Any]] = {}
-    for name in ("sources.json", "hand_recipes.json"):
-        path = run_dir / name
-        if path.exists():
-            out.update({k: v for k, v in json.loads(path.read_text()).items() if v.get("fitness") is not None})
+    folder = RunFolder(run_dir)
+    for path in (folder.sources, folder.hand_recipes):
+        out.update({k: v for k, v in folder.read_json(path, {}).items() if v.get("fitness") is not None})
     return out
 
 
 def _source_names(run_dir: Path) -> list[str]:
-    path = run_dir / "sources.json"
-    return list(json.loads(path.read_text())) if path.exists() else []
+    folder = RunFolder(run_dir)
+    return list(folder.read_json(folder.sources, {}))
 
 
 def _phase_section(run_dir: Path, ph: PhaseResult, objectives: Objectives, estimated: bool, fmt: str = "png",
@@ -240,7 +239,7 @@ def _write_report(run_dir: Path, exp: Experiment, sections: list[str], test: Map
     for n in chosen:
         lines.append(f"- `{n}/`: Hugging Face checkpoint with tokenizer; recipe beside it "
                      f"(`{n}.mergekit.yml` or `{n}.layer_plan.yml`, replay with `evomerge merge`).")
-    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
+    RunFolder(run_dir).report.write_text("\n".join(lines) + "\n")
 
 
 def _print_test(console: Console, exp: Experiment, test: Mapping[str, Mapping[str, Any]], run_dir: Path) -> None:

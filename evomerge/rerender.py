@@ -10,21 +10,20 @@ it with the ``full`` estimator; summary.json is written only by the run itself.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 from rich.console import Console
 
 from evomerge import outputs
-from evomerge.candidates import frozen_experiment
 from evomerge.config import experiment_from_data
 from evomerge.outputs import PhaseResult
 from evomerge.recipe import Recipe
 from evomerge.run import objectives_of
+from evomerge.run_folder import GENES, RunFolder
 from evomerge.runstore import RunStore
-from evomerge.status import phase_budgets, phase_status, phase_stores
+from evomerge.status import phase_status
 
 
 class GeneTable:
@@ -47,23 +46,24 @@ def rerender(run_dir: str | Path, fmt: str = "png", console: Optional[Console] =
     if fmt not in ("png", "svg"):
         raise ValueError(f"--format {fmt!r}: choose png or svg")
     run_dir = Path(run_dir)
-    data, exp_dir = frozen_experiment(run_dir)
-    exp = experiment_from_data(data, run_dir / "experiment.yaml", exp_dir)
+    folder = RunFolder(run_dir)
+    data, exp_dir = folder.frozen()
+    exp = experiment_from_data(data, folder.experiment, exp_dir)
     exp.export.figures = fmt  # type: ignore[assignment]
     objectives = objectives_of(exp)
-    budgets = phase_budgets(run_dir)
-    summary = _read(run_dir / "summary.json")
+    budgets = folder.budgets()
+    summary = folder.read_json(folder.summary)
     notes: list[str] = [] if summary else [
         "Re-rendered from the run store of a run that has not finished (running, or killed and never resumed): "
         "the choice below is the best so far; the held-out test and the exports are left out (they need a model "
         "evaluation: `evomerge resume` finishes the run, `evomerge export` writes any candidate now)."]
     phases: list[PhaseResult] = []
     util: dict[str, dict[str, float]] = {}
-    for index, kind, path in phase_stores(run_dir):
+    for index, kind, path in folder.phase_stores():
         with RunStore(path, readonly=True) as store:
             ok = [e for e in store.evaluations("ok")]
             st = phase_status(store, index, kind, budgets[index] if index < len(budgets) else 0, 0.0)
-            genes = store.get_meta("genes") or []
+            genes = store.get_meta(GENES) or []
         if not ok:
             notes.append(f"Phase {index} ({kind}) has no successful candidate yet; it is left out.")
             continue
@@ -84,14 +84,10 @@ def rerender(run_dir: str | Path, fmt: str = "png", console: Optional[Console] =
     final = phases[-1]
     final.exported_hand_recipe = (summary or {}).get("exported_hand_recipe")
     chosen = {("best" if len(final.best) == 1 else f"pareto-{j + 1}"): r for j, r in enumerate(final.recipes)}
-    test = _read(run_dir / "test_results.json") or {}
-    hand = _read(run_dir / "hand_recipes.json") or {}
+    test = folder.read_json(folder.test_results, {})
+    hand = folder.read_json(folder.hand_recipes, {})
     sections = [outputs._phase_section(run_dir, ph, objectives, exp.fitness.estimator.kind != "full", fmt,
                                        dict(zip(chosen, final.best)) if ph is final else {}) for ph in phases]
     outputs._write_report(run_dir, exp, sections, test, util, chosen if summary else {}, final, hand,
                           (summary or {}).get("memory", []), notes)
-    return run_dir / "report.md"
-
-
-def _read(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.exists() else None
+    return folder.report

@@ -17,9 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import numpy as np
-import yaml
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from evomerge import outputs
 from evomerge.config import DFSSpace, Experiment, PSSpace, experiment_from_data, read_experiment_yaml
@@ -34,11 +32,14 @@ from evomerge.estimators import (
 from evomerge.evaluate.custom import CustomFitness
 from evomerge.evaluate.registry import make_evaluator
 from evomerge.evaluate.vllm_engine import resolve_backend
+from evomerge.fingerprint import changes, fingerprint
 from evomerge.loop import open_searcher, run_request, search
 from evomerge.objectives import Objectives
 from evomerge.outputs import PhaseResult
+from evomerge.progress import phase_progress
 from evomerge.recipe import Recipe, hand_recipe, single_model, with_paths
 from evomerge.refs import resolve_model_ref
+from evomerge.run_folder import GENES, RunFolder
 from evomerge.runstore import Evaluation, RunStore, write_atomic
 from evomerge.searchers import Searcher, make_searcher, searcher_class
 from evomerge.spaces import Genome, PSGenome, build_space, genome_seed
@@ -104,6 +105,7 @@ class Job:
                  pool: Pool | None = None):
         self.exp = exp
         self.run_dir = run_dir
+        self.folder = RunFolder(run_dir)
         self.exp_dir = exp_dir
         self.console = console or Console(stderr=True)
         self.spaces = exp.load_spaces(exp_dir)
@@ -270,11 +272,18 @@ class Job:
 
     def run_phase(self, k: int, space: PSSpace | DFSSpace, budget: int, earlier: list[PhaseResult],
                   estimator: FitnessEstimator) -> PhaseResult:
-        phase_dir = self.run_dir / f"phase{k}-{space.kind}"
+        phase_dir = self.folder.phase_dir(k, space.kind)
         phase_dir.mkdir(exist_ok=True)
         genome = self.space(space, earlier)
         store = RunStore(phase_dir / "run.sqlite")
-        store.set_meta("genes", genome.names)
+        genes = store.get_meta(GENES)
+        if genes is not None and genes != genome.names:  # refused before anything is written
+            store.close()
+            raise ValueError(f"{store.path}: the run's phase {k} has {len(genes)} genes, this search space "
+                             f"{len(genome.names)} ({_first_difference(genes, genome.names)}): the search space "
+                             f"changed; resume only the same experiment")
+        if genes is None:
+            store.set_meta(GENES, genome.names)
         searcher, gen = open_searcher(store, lambda: self.new_searcher(k, space, genome))
 
         def decode(g: np.ndarray) -> tuple[Recipe, int]:
@@ -286,15 +295,11 @@ class Job:
 
         view = PhaseView(k, store, recipe_of)
         estimator.begin_phase(view, gen)
-        columns = [TextColumn(f"phase {k} ({space.kind})"), BarColumn(),
-                   TextColumn("{task.completed}/{task.total} evals"), TextColumn("gen {task.fields[gen]}"),
-                   TextColumn("best {task.fields[best]}"), TimeElapsedColumn(), TimeRemainingColumn()]
-        with Progress(*columns, console=self.console, transient=False) as progress:
-            task = progress.add_task("search", total=budget, completed=min(store.count(), budget), gen=gen,
-                                     best=_best_text(store))
+        with phase_progress(self.console, f"phase {k} ({space.kind})", budget, min(store.count(), budget), gen,
+                            _best_text(store)) as progress:
 
             def show(generation: int) -> None:
-                progress.update(task, completed=min(store.count(), budget), gen=generation, best=_best_text(store))
+                progress.update(min(store.count(), budget), generation, _best_text(store))
                 self.tracker.on_progress(k, store, generation)
 
             search(searcher, store, self.pool, decode, estimator, view, self.objectives, budget, gen, show)
@@ -323,7 +328,7 @@ class Job:
     def score_hand_recipes(self) -> dict[str, dict[str, Any]]:
         """The hand recipes on the fitness split (``RUN/hand_recipes.json``): what the search must beat,
         and what it is compared with in the report."""
-        path = self.run_dir / "hand_recipes.json"
+        path = self.folder.hand_recipes
         if self.exp.references and not path.exists():
             self.console.print(f"scoring {len(self.exp.references)} hand recipe(s) on the fitness split: "
                                + ", ".join(r.name for r in self.exp.references))
@@ -332,7 +337,7 @@ class Job:
     def score_sources(self) -> dict[str, dict[str, Any]]:
         """Each source model on the fitness split (``RUN/sources.json``): the reference lines and points
         of the report's plots."""
-        return self.score_on_fitness(self.run_dir / "sources.json", {m: single_model(m) for m in self.exp.models})
+        return self.score_on_fitness(self.folder.sources, {m: single_model(m) for m in self.exp.models})
 
     def finish(self, phases: list[PhaseResult], hand: Mapping[str, Mapping[str, Any]]) -> None:
         """Export the chosen models (a hand recipe instead, where one scores higher on the fitness
@@ -340,14 +345,16 @@ class Job:
         exp = self.exp
         final = phases[-1]
         scored = {n: h["fitness"] for n, h in hand.items() if h.get("fitness") is not None}
+        exported = final.recipes
         top = max(scored, key=lambda n: scored[n], default=None)
         if self.objectives.n_obj == 1 and top is not None and scored[top] > final.full_fitness:
             self.console.print(f"[yellow]the hand recipe '{top}' scores {scored[top]:.4f} on the fitness split, "
-                               f"above the search's best ({final.full_fitness:.4f}): it is exported as best[/yellow]")
-            final.recipes = [self.hand_recipe(top)]
-            final.exported_hand_recipe = top
+                               f"above the search's best ({final.full_fitness:.4f}): it is exported as best[/yellow]",
+                               soft_wrap=True)
+            exported = [self.hand_recipe(top)]  # the phase keeps its own recipes: its report section
+            final.exported_hand_recipe = top     # draws the search's best (a DFS layer plan, say)
         chosen: dict[str, Recipe] = {}
-        for j, recipe in enumerate(final.recipes):
+        for j, recipe in enumerate(exported):
             name = "best" if len(final.best) == 1 else f"pareto-{j + 1}"
             outputs.export_recipe(recipe, self.run_dir / name, self.paths, exp.allow_pickle, exp.export.dtype)
             chosen[name] = recipe
@@ -376,47 +383,96 @@ class Job:
         return {n: out[n] for n in names}
 
 
+def _first_difference(a: list[str], b: list[str]) -> str:
+    i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return f"gene {i}: {a[i] if i < len(a) else 'none'} -> {b[i] if i < len(b) else 'none'}"
+
+
 def _best_text(store: RunStore) -> str:
     best = store.best_fitness()
     return "-" if best is None else f"{best:.3f}"
 
 
+def run_fingerprint(exp: Experiment, exp_dir: Path) -> dict[str, str]:
+    """Every check that needs no weights (search spaces, model folders, benchmark files), and the
+    fingerprint of what the run's results depend on (``evomerge.fingerprint``)."""
+    spaces = exp.load_spaces(exp_dir)
+    paths = resolve_models(exp, exp_dir)
+    check_benchmark_specs(exp, exp_dir)
+    return fingerprint(exp, exp_dir, spaces, paths)
+
+
+def _refuse_a_run(folder: RunFolder, restart: bool) -> None:
+    """A folder whose search began is a run: ``search`` does not write over it unless told to."""
+    if not restart and folder.began():
+        raise RunExists(f"{folder.root} already holds a run; continue it with `evomerge resume {folder.root}`, "
+                        f"start it over with `evomerge search ... --restart` (deletes its results), or choose "
+                        f"another --output-dir")
+
+
 def start(exp_path: str | Path, output_dir: str | Path | None = None, console: Console | None = None,
-          overrides: Optional[dict[str, Any]] = None) -> Path:
-    """``evomerge search``: validate everything, freeze the experiment into the run folder, run."""
+          overrides: Optional[dict[str, Any]] = None, restart: bool = False) -> Path:
+    """``evomerge search``: validate everything, freeze the experiment into the run folder, run.
+
+    Nothing is written before the checks that need no weights have passed. What a start that never
+    reached the search left behind (an error while loading the models, in the benchmark check, in
+    the searcher's options) does not block this one: the same experiment continues it (a
+    calibration already made is kept), a changed one clears it first. ``restart`` also clears a run
+    whose search began."""
+    console = console or Console(stderr=True)
     exp_path = Path(exp_path).resolve()
     data = read_experiment_yaml(exp_path, "name, models, base_model, search_space, fitness")
     data.update(overrides or {})
     exp = experiment_from_data(data, exp_path)
-    run_dir = Path(output_dir or exp.output_dir or Path("runs") / exp.name)
-    if (run_dir / "experiment.yaml").exists():
-        raise RunExists(f"{run_dir} already holds a run; continue it with `evomerge resume {run_dir}`, "
-                        "or choose another --output-dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    frozen = {**data, "_experiment_dir": str(exp_path.parent)}
-    (run_dir / "experiment.yaml").write_text(yaml.safe_dump(frozen, sort_keys=False))
-    _run_job(exp, run_dir, exp_path.parent, console)
-    return run_dir
+    folder = RunFolder(Path(output_dir or exp.output_dir or Path("runs") / exp.name))
+    if folder.lock_file.exists():  # in use by another process, or a run: said before the checks
+        with folder.lock():
+            _refuse_a_run(folder, restart)
+    prints = run_fingerprint(exp, exp_path.parent)  # a new folder is made only once these pass
+    with folder.lock():
+        _refuse_a_run(folder, restart)  # again: another process may have begun one meanwhile
+        ours = folder.experiment.exists() or folder.fingerprint.exists()  # a folder we did not make: untouched
+        if ours and (restart or folder.recorded_fingerprint() != prints):
+            gone = folder.clear()
+            why = "--restart" if restart else "an earlier start never reached the search"
+            console.print(f"[yellow]{why}: removed {len(gone)} file(s) and folder(s) it left in "
+                          f"{folder.root}[/yellow]", soft_wrap=True)
+        elif ours:
+            console.print(f"continuing the start in {folder.root} (the same experiment; its search had not "
+                          f"begun; what it scored is kept)", soft_wrap=True)
+        folder.freeze({**data, "_experiment_dir": str(exp_path.parent)}, prints)
+        _run_job(exp, folder.root, exp_path.parent, console)
+    return folder.root
 
 
 def resume(run_dir: str | Path, console: Console | None = None, overrides: Optional[dict[str, Any]] = None) -> Path:
     """``evomerge resume``: the frozen experiment, the same run folder, the same trajectory.
 
     ``overrides`` may change where the work runs (address, workers, gpus_per_worker: a requeued
-    cluster job gets new nodes), never what is searched."""
-    run_dir = Path(run_dir)
-    frozen = run_dir / "experiment.yaml"
-    if not frozen.exists():
-        raise ValueError(f"{run_dir} holds no run (no experiment.yaml); start one with `evomerge search`")
-    data = yaml.safe_load(frozen.read_text())
+    cluster job gets new nodes), never what is searched. The experiment is checked against the
+    fingerprint the run recorded, and every run store is opened, before anything is written: a
+    changed experiment or a damaged store is refused in one line."""
+    folder = RunFolder(Path(run_dir))
     bad = set(overrides or {}) - RESUMABLE_OVERRIDES
     if bad:
         raise ValueError(f"resume can change only {sorted(RESUMABLE_OVERRIDES)}, not {sorted(bad)}")
-    data.update(overrides or {})
-    exp_dir = Path(data.pop("_experiment_dir", run_dir))
-    exp = experiment_from_data(data, frozen, exp_dir)
-    _run_job(exp, run_dir, exp_dir, console)
-    return run_dir
+    folder.frozen()  # a folder that holds no run is refused before the lock file is made
+    with folder.lock():
+        data, exp_dir = folder.frozen()
+        data.update(overrides or {})
+        exp = experiment_from_data(data, folder.experiment, exp_dir)
+        folder.began()  # opens every run store: a damaged one is refused here, naming its file
+        now = run_fingerprint(exp, exp_dir)
+        recorded = folder.recorded_fingerprint()
+        changed = changes(recorded, now) if recorded is not None else []
+        if changed:
+            raise ValueError(f"{folder.root}: the experiment changed since the run started ({'; '.join(changed)}); "
+                             f"resume continues only the same experiment: undo the change, or start a new run "
+                             f"(`evomerge search EXPERIMENT -o OTHER_FOLDER`)")
+        if recorded is None:  # a run older than fingerprints: from now on, it has one
+            write_atomic(folder.fingerprint, json.dumps(now, indent=1, sort_keys=True).encode())
+        _run_job(exp, folder.root, exp_dir, console)
+    return folder.root
 
 
 def _run_job(exp: Experiment, run_dir: Path, exp_dir: Path, console: Console | None) -> None:

@@ -232,30 +232,45 @@ class RunStore:
         self.path = Path(path)
         self.readonly = readonly
         self.export_state = export_state and not readonly
-        if readonly:
-            if not self.path.exists():
-                raise FileNotFoundError(f"no run store at {self.path}")
+        if readonly and not self.path.exists():
+            raise FileNotFoundError(f"no run store at {self.path}")
+        if not readonly and not self.path.exists():
+            _create(self.path, timeout)
+        try:
+            self._open(timeout)
+        except sqlite3.DatabaseError as err:
+            if isinstance(err, sqlite3.OperationalError) and "no such table" not in str(err):
+                raise  # locked, I/O: not the file's content
+            raise RunStoreDamaged(f"{self.path}: the run store is damaged ({err}); it is never treated as a new "
+                                  f"run: restore the file from a backup, or start the run again in another "
+                                  f"folder") from None
+        version = self.get_meta("schema_version")
+        if version != SCHEMA_VERSION:
+            self._db.close()
+            raise RuntimeError(f"{self.path}: run store schema {version!r}, this evomerge reads {SCHEMA_VERSION}")
+
+    def _open(self, timeout: float) -> None:
+        """Connect to an existing store; one without its meta table (emptied, not a store) raises."""
+        if self.readonly:
             uri = "file:" + urllib.request.pathname2url(str(self.path.resolve())) + "?mode=ro"
             self._db = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None)
         else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
+        try:
+            self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if self.readonly:
+                return
             mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode.lower() != "wal":
                 raise RuntimeError(f"{self.path}: SQLite refused WAL mode (got {mode!r}); "
                                    f"put the run on a local filesystem")
             self._db.execute("PRAGMA synchronous=FULL")
-            with self._write():
+            with self._write():  # tables added by a later schema of the same version
                 for statement in filter(str.strip, _SCHEMA.split(";")):
                     self._db.execute(statement)
-                row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-                if row is None:
-                    self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (json.dumps(SCHEMA_VERSION),))
-                    self._db.execute("INSERT INTO meta VALUES ('created_at', ?)", (json.dumps(time.time()),))
-        version = self.get_meta("schema_version")
-        if version != SCHEMA_VERSION:
+        except BaseException:
             self._db.close()
-            raise RuntimeError(f"{self.path}: run store schema {version!r}, this evomerge reads {SCHEMA_VERSION}")
+            raise
 
     genome_hash = staticmethod(genome_hash)
 
@@ -489,6 +504,36 @@ class RunStore:
             raise ValueError(f"status must be one of {STATUSES} or None, got {status!r}")
 
 
+class RunStoreDamaged(ValueError):
+    """A run store file that cannot be read as one (truncated, emptied, overwritten)."""
+
+
+def _create(path: Path, timeout: float) -> None:
+    """A new, empty store at ``path``, made beside it and renamed into place: a ``run.sqlite`` that
+    exists is always a whole store, so an empty or schema-less one is damage, never a new run."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".new", dir=path.parent)
+    os.close(fd)
+    try:
+        db = sqlite3.connect(tmp, timeout=timeout, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("BEGIN IMMEDIATE")
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                db.execute(statement)
+            db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (json.dumps(SCHEMA_VERSION),))
+            db.execute("INSERT INTO meta VALUES ('created_at', ?)", (json.dumps(time.time()),))
+            db.execute("COMMIT")
+        finally:
+            db.close()  # checkpoints the WAL into the file and removes it
+        os.replace(tmp, path)
+    finally:
+        for leftover in (tmp, tmp + "-wal", tmp + "-shm"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
+    _fsync_dir(path.parent)
+
+
 class _Transaction:
     """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error): takes the write lock up front, so two writers
     queue on busy_timeout instead of failing with a deadlock when a read upgrades to a write."""
@@ -530,7 +575,12 @@ def write_atomic(path: Path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    dfd = os.open(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` last (its directory entry on disk)."""
+    dfd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dfd)
     finally:

@@ -12,39 +12,17 @@ stopped for a day and resumed reports its current speed, and the estimate of tim
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
+from evomerge.run_folder import RunFolder
 from evomerge.runstore import RunStore
 
 #: evaluations over which throughput (and so the time left) is measured
 RATE_WINDOW = 30
 
 
-def phase_budgets(run_dir: Path) -> list[int]:
-    """Each phase's budget of candidates, from the frozen experiment (not validated again: a status
-    must work with whatever the run was started with)."""
-    frozen = run_dir / "experiment.yaml"
-    if not frozen.exists():
-        raise ValueError(f"{run_dir} holds no run (no experiment.yaml); start one with `evomerge search`")
-    data = yaml.safe_load(frozen.read_text()) or {}
-    if data.get("phases"):
-        return [int(p["budget"]) for p in data["phases"]]
-    return [int((data.get("budget") or {}).get("evaluations", 0))]
-
-
-def phase_stores(run_dir: Path) -> list[tuple[int, str, Path]]:
-    """(index, kind, run store path) of every phase begun so far, in order."""
-    out = []
-    for d in run_dir.glob("phase*-*"):
-        head, _, kind = d.name.partition("-")
-        if head[5:].isdigit() and (d / "run.sqlite").exists():
-            out.append((int(head[5:]), kind, d / "run.sqlite"))
-    return sorted(out)
 
 
 def phase_status(store: RunStore, index: int, kind: str, budget: int, now: float,
@@ -96,17 +74,23 @@ def run_status(run_dir: str | Path, now: Optional[float] = None,
     """The whole run as plain values (what ``--json`` prints); ``cache`` (kept by the caller between
     refreshes) holds each store's items per evaluation."""
     run_dir = Path(run_dir)
+    folder = RunFolder(run_dir)
     now = time.time() if now is None else now
-    budgets = phase_budgets(run_dir)
+    budgets = folder.budgets()
     phases = []
-    for index, kind, path in phase_stores(run_dir):
+    for index, kind, path in folder.phase_stores():
         with RunStore(path, readonly=True) as store:
             seen = None if cache is None else cache.setdefault(str(path), {})
             phases.append(phase_status(store, index, kind, budgets[index] if index < len(budgets) else 0, now, seen))
-    hand_path = run_dir / "hand_recipes.json"
-    hand = json.loads(hand_path.read_text()) if hand_path.exists() else {}
-    if (run_dir / "summary.json").exists():
+    hand = folder.read_json(folder.hand_recipes, {})
+    pid = folder.holder()  # the process working in the folder (the lock's holder), None when none is
+    if folder.summary.exists():
         state = "done"
+    elif pid is None:
+        state = ("stopped before its search began" if not phases else
+                 "stopped after its search (final choice, export, held-out test left)"
+                 if len(phases) == len(budgets) and phases[-1]["done"] >= phases[-1]["budget"] else
+                 f"stopped in phase {phases[-1]['index']} ({phases[-1]['kind']})")
     elif not phases:
         state = "starting (models, benchmark checks, hand recipes)" if not hand else "starting the search"
     elif len(phases) == len(budgets) and phases[-1]["done"] >= phases[-1]["budget"]:
@@ -121,10 +105,10 @@ def run_status(run_dir: str | Path, now: Optional[float] = None,
         left = current["left_s"] + (later / rate * 60.0 if later and rate else 0.0)
     last = max((p["last_activity_at"] for p in phases if p["last_activity_at"]), default=None)
     # since the experiment was frozen into the folder (``evomerge search``), resumes and pauses included
-    started = min([(run_dir / "experiment.yaml").stat().st_mtime]
+    started = min([folder.experiment.stat().st_mtime]
                   + [p["started_at"] for p in phases if p["started_at"]])
     return {
-        "run_dir": str(run_dir), "state": state, "phases_total": len(budgets), "phases": phases,
+        "run_dir": str(run_dir), "state": state, "pid": pid, "phases_total": len(budgets), "phases": phases,
         "hand_recipes": {n: h.get("fitness") for n, h in hand.items()},
         "elapsed_s": (now - started) if started else 0.0,
         "left_s": None if state == "done" else left,
@@ -153,7 +137,10 @@ def render(status: dict[str, Any]) -> Any:
              Text(f"elapsed {_duration(status['elapsed_s'])}, left ~{_duration(status['left_s'])}"
                   if status["state"] != "done" else f"elapsed {_duration(status['elapsed_s'])}")]
     idle = status.get("idle_s")
-    if status["state"] != "done" and idle is not None and idle > 600:
+    if status["state"].startswith("stopped"):
+        lines.append(Text(f"no process is running it: continue it with `evomerge resume {status['run_dir']}`",
+                          style="yellow"))
+    elif status["state"] != "done" and idle is not None and idle > 600:
         lines.append(Text(f"no activity for {_duration(idle)}: stopped or killed? continue it with "
                           f"`evomerge resume {status['run_dir']}`", style="yellow"))
     if status["hand_recipes"]:

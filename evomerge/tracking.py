@@ -20,11 +20,10 @@ from typing import Any, Mapping, Optional, Protocol
 
 import numpy as np
 
+from evomerge.run_folder import TRACKING_LOGGED as LOGGED
+from evomerge.run_folder import TRACKING_RUN_IDS as RUN_ID
+from evomerge.run_folder import RunFolder, drift_log
 from evomerge.runstore import RunStore
-from evomerge.status import phase_stores
-
-LOGGED = "tracking_logged"  # meta key: the last generation logged (per phase store)
-RUN_ID = "tracking_run_ids"  # meta key: {backend: run id}
 
 
 class Sink(Protocol):
@@ -113,7 +112,7 @@ def generation_scalars(store: RunStore, generation: int, phase: int) -> dict[str
         span = gen.told_at - min(e.created_at - (e.seconds or 0.0) for e in mine)
         if span > 0:
             out[p + "candidates_per_min"] = 60.0 * len(mine) / span
-    drift = next((d for d in store.get_meta("drift", []) or [] if d.get("generation") == generation), None)
+    drift = next((d for d in drift_log(store) if d.get("generation") == generation), None)
     if drift and drift.get("error"):
         out.update({f"{p}estimator_error/{b}": float(x) for b, x in drift["error"].items()})
         out[p + "estimator_error/mean"] = float(np.mean(list(drift["error"].values())))
@@ -132,7 +131,7 @@ class Tracker:
         """Global step of the phase's generation 0: the generations told by earlier phases."""
         if phase not in self._offsets:
             total = 0
-            for i, _, path in phase_stores(self.run_dir):
+            for i, _, path in RunFolder(self.run_dir).phase_stores():
                 if i < phase:
                     with RunStore(path, readonly=True) as s:
                         total += sum(g.told for g in s.generations())
@@ -161,7 +160,7 @@ class Tracker:
 def known_run_ids(run_dir: Path) -> dict[str, str]:
     """Tracked-run ids kept in the run's stores (a resume continues those runs)."""
     ids: dict[str, str] = {}
-    for _, _, path in phase_stores(run_dir):
+    for _, _, path in RunFolder(run_dir).phase_stores():
         with RunStore(path, readonly=True) as s:
             ids.update({k: v for k, v in (s.get_meta(RUN_ID) or {}).items() if v})
     return ids

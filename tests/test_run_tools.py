@@ -75,6 +75,7 @@ def test_status_while_running_export_any_candidate_and_tensorboard(zoo, tmp_path
         # read from another process while the search writes: a consistent, plausible snapshot
         phase = mid["phases"][0]
         assert mid["state"].startswith("searching phase 0") and mid["phases_total"] == 1
+        assert mid["pid"] == str(proc.pid)  # the run lock's holder
         assert phase["budget"] == 24 and 3 <= phase["done"] < 24, phase
         assert phase["best"]["fitness"] is not None and set(phase["best"]["objectives"]) == set(zoo.skills)
         assert phase["items_scored"] == phase["done"] * 40 * len(zoo.skills)  # every item, full estimator
@@ -140,7 +141,8 @@ def test_report_of_a_killed_run_and_resume_continues_the_tracked_run(zoo, tmp_pa
     killed = json.loads(cli("status", str(run), "--json").stdout)
     done = killed["phases"][0]["done"]
     # a loaded machine can poll so slowly that the 18 candidates are all in before the kill
-    assert done >= 8 and killed["state"].startswith("searching" if done < 18 else ("searching", "finishing"))
+    # the killed process holds no lock: the run is stopped, not searching
+    assert done >= 8 and killed["state"].startswith("stopped") and killed["pid"] is None
     cli("report", str(run), "--format", "svg")
     assert (run / "phase0-ps" / "fitness.svg").read_text().lstrip().startswith("<?xml")
     # resume: the same TensorBoard folder, each generation logged once

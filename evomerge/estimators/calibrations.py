@@ -18,6 +18,7 @@ import numpy as np
 from evomerge.estimators.base import EstimatorInputs
 from evomerge.irt.calibrate import Population
 from evomerge.irt.calibration import Calibration
+from evomerge.run_folder import RunFolder
 
 INITIAL = -1  # tag of the calibration made before the search
 
@@ -32,15 +33,32 @@ class CalibrationLog:
     run_dir: Path
 
     def folder(self, tag: int) -> Path:
-        return self.run_dir / "calibration" / (f"t{tag:09d}" if tag >= 0 else "initial")
+        return RunFolder(self.run_dir).calibration / (f"t{tag:09d}" if tag >= 0 else "initial")
+
+    def tags(self) -> list[int]:
+        """Every complete calibration's tag, oldest first."""
+        root = RunFolder(self.run_dir).calibration
+        tags = [INITIAL] if (root / "initial" / "complete").exists() else []
+        return sorted(tags + [int(p.name[1:]) for p in root.glob("t*") if (p / "complete").exists()])
 
     def latest(self, before: Optional[int] = None) -> Optional[int]:
         """The newest complete calibration made before ``before`` (a tag): what a generation uses."""
-        root = self.run_dir / "calibration"
-        tags = [INITIAL] if (root / "initial" / "complete").exists() else []
-        tags += [int(p.name[1:]) for p in root.glob("t*") if (p / "complete").exists()]
-        tags = [t for t in tags if before is None or t < before]
+        tags = [t for t in self.tags() if before is None or t < before]
         return max(tags) if tags else None
+
+    def refits(self, phase: int) -> int:
+        """Complete recalibrations made by the drift checks of ``phase``."""
+        return sum(1 for t in self.tags() if tag_of(phase, 0) <= t < tag_of(phase + 1, 0))
+
+    def initial_responses(self) -> int:
+        """Answers scored for the calibration made before the search (0 when there is none)."""
+        if INITIAL not in self.tags():
+            return 0
+        total = 0
+        for pop in sorted(self.folder(INITIAL).glob("*.population.npz")):
+            with np.load(pop, allow_pickle=False) as z:
+                total += int(np.isfinite(z["responses"]).sum())
+        return total
 
     def load(self, tag: int) -> tuple[dict[str, Calibration], dict[str, Population]]:
         d = self.folder(tag)

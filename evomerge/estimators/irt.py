@@ -23,6 +23,7 @@ from evomerge.estimators.reduced import ReducedFitness
 from evomerge.irt.calibrate import Population, calibrate
 from evomerge.irt.calibration import Calibration
 from evomerge.irt.estimators import make_estimator
+from evomerge.run_folder import DRIFT
 
 
 def calibrate_population(inputs: EstimatorInputs, folder: Path, n_models: int | None = None) -> dict[str, Calibration]:
@@ -92,10 +93,10 @@ class IRTFitness(ReducedFitness):
         full = (yield self.inputs.request({best.genome_hash: phase.recipe_of(best)}))[best.genome_hash]
         estimated = dict(best.objectives) if isinstance(best.objectives, dict) else {}
         errors = {b: abs(float(np.mean(full[b])) - estimated[b]) for b in full if b in estimated}
-        log = [e for e in (phase.store.get_meta("drift", []) or []) if e["generation"] != generation]
+        log = [e for e in (phase.store.get_meta(DRIFT, []) or []) if e["generation"] != generation]
         log.append({"generation": generation, "genome_hash": best.genome_hash, "estimated": estimated,
                     "full": {b: float(np.mean(v)) for b, v in full.items()}, "error": errors})
-        phase.store.set_meta("drift", log)
+        phase.store.set_meta(DRIFT, log)
         drifted = {b for b, e in errors.items() if e > spec.drift_threshold}
         if not drifted or spec.calibration:
             return

@@ -15,6 +15,7 @@ from evomerge.estimators.base import EstimatorInputs, FitnessEstimator, PhaseVie
 from evomerge.evaluate.base import ItemResponses
 from evomerge.irt.estimators import make_estimator
 from evomerge.objectives import named
+from evomerge.run_folder import DRIFT, ESTIMATOR_CHECK, FINAL_CONFIRMED, FULL_SCORES
 from evomerge.runstore import Evaluation
 
 
@@ -50,7 +51,7 @@ class ReducedFitness(FitnessEstimator):
         ranked = self.ranking(phase, ok)
         top = [e for _, e in sorted(zip(ranked, ok), key=lambda x: (-x[0], x[1].rowid or 0))][:k]
         scores = full_scores(phase, top, self.inputs)
-        phase.store.set_meta("final_confirmed", [e.genome_hash for e in top])
+        phase.store.set_meta(FINAL_CONFIRMED, [e.genome_hash for e in top])
         fitness = self.inputs.objectives.fitness
         return [max(top, key=lambda e: (fitness({**named(e), **scores[e.genome_hash]}), -(e.rowid or 0)))]
 
@@ -60,7 +61,7 @@ class ReducedFitness(FitnessEstimator):
 
     def full_fitness(self, phase: PhaseView, ev: Evaluation) -> float:
         """The fitness on every item where the final choice or the report scored ``ev`` on all of them."""
-        confirmed = (phase.store.get_meta("full_scores", {}) or {}).get(ev.genome_hash)
+        confirmed = (phase.store.get_meta(FULL_SCORES, {}) or {}).get(ev.genome_hash)
         if not confirmed:
             return super().full_fitness(phase, ev)
         return self.inputs.objectives.fitness({**named(ev), **{b: x["accuracy"] for b, x in confirmed.items()}})
@@ -75,7 +76,7 @@ class ReducedFitness(FitnessEstimator):
             return ""
         spec = self.inputs.spec
         n = spec.report_checks
-        cached = phase.store.get_meta("full_scores", {}) or {}
+        cached = phase.store.get_meta(FULL_SCORES, {}) or {}
         lines = []
         confirmed = cached.get(chosen.genome_hash)
         if confirmed:
@@ -106,7 +107,7 @@ class ReducedFitness(FitnessEstimator):
             f_est, f_full = fitness_of(est), fitness_of({**est, **full[e.genome_hash]})
             if len(self.inputs.objectives.names) > 1 and np.isfinite(f_est) and np.isfinite(f_full):
                 errs.setdefault("fitness", []).append(abs(f_est - f_full))  # what one objective's search is told
-        drift = phase.store.get_meta("drift", []) or []
+        drift = phase.store.get_meta(DRIFT, []) or []
         settings = {"adaptive": f"tolerance {spec.tolerance}, max_items {spec.max_items}"
                     + (f", racing with delta {spec.delta}" if spec.racing else ""),
                     "successive_halving": f"start_items {spec.start_items}, max_items {spec.max_items}"
@@ -126,7 +127,7 @@ class ReducedFitness(FitnessEstimator):
         if drift:
             text += ["", f"Drift checks during the search (every {spec.drift_every} generations): " + "; ".join(
                 f"g{d['generation']}: " + ", ".join(f"{b} {x:.3f}" for b, x in d["error"].items()) for d in drift)]
-        phase.store.set_meta("estimator_check", {b: [float(x) for x in v] for b, v in errs.items()})
+        phase.store.set_meta(ESTIMATOR_CHECK, {b: [float(x) for x in v] for b, v in errs.items()})
         return "\n".join(text)
 
 
@@ -135,12 +136,12 @@ def full_scores(phase: PhaseView, evs: Sequence[Evaluation], inputs: EstimatorIn
 
     Cached in the run store (meta ``full_scores``, with the item count of each evaluation), so the
     final choice and the report share one evaluation per candidate and a resumed run redoes none."""
-    cache = phase.store.get_meta("full_scores", {}) or {}
+    cache = phase.store.get_meta(FULL_SCORES, {}) or {}
     todo = {e.genome_hash: phase.recipe_of(e) for e in evs if e.genome_hash not in cache}
     if todo:
         for h, benches in inputs.score_all(todo).items():
             cache[h] = {b: {"accuracy": float(np.mean(v)), "items": int(v.size)} for b, v in benches.items()}
-        phase.store.set_meta("full_scores", cache)
+        phase.store.set_meta(FULL_SCORES, cache)
     return {e.genome_hash: {b: x["accuracy"] for b, x in cache[e.genome_hash].items()} for e in evs}
 
 
