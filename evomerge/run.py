@@ -465,11 +465,16 @@ def resume(run_dir: str | Path, console: Console | None = None, overrides: Optio
         now = run_fingerprint(exp, exp_dir)
         recorded = folder.recorded_fingerprint()
         changed = changes(recorded, now) if recorded is not None else []
+        extended = [c for c in changed if c.startswith("budget (")]  # more (or fewer) candidates: same results so far
+        changed = [c for c in changed if c not in extended]
         if changed:
             raise ValueError(f"{folder.root}: the experiment changed since the run started ({'; '.join(changed)}); "
                              f"resume continues only the same experiment: undo the change, or start a new run "
                              f"(`evomerge search EXPERIMENT -o OTHER_FOLDER`)")
-        if recorded is None:  # a run older than fingerprints: from now on, it has one
+        for c in extended:
+            (console or Console(stderr=True)).print(f"the budget changed since the run started: {c}; continuing "
+                                                    f"with the new budget", soft_wrap=True)
+        if recorded is None or extended:  # a run older than fingerprints: from now on, it has one
             write_atomic(folder.fingerprint, json.dumps(now, indent=1, sort_keys=True).encode())
         _run_job(exp, folder.root, exp_dir, console)
     return folder.root

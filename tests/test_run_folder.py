@@ -125,7 +125,6 @@ def test_clear_removes_only_what_a_run_writes(tmp_path):
 @pytest.mark.parametrize("change, said", [
     (lambda exp, tmp: exp.update(seed=4), "seed (3 -> 4)"),
     (lambda exp, tmp: exp.update(search_space="ps_dare_ties_layers"), "search space"),
-    (lambda exp, tmp: exp.update(budget={"evaluations": 3}), "budget ([2] -> [3])"),
     (lambda exp, tmp: exp["fitness"].update(estimator={"kind": "random", "budget": 8}), "fitness.estimator"),
 ])
 def test_resume_refuses_an_edited_experiment_before_writing(finished, tmp_path, change, said):
@@ -137,6 +136,20 @@ def test_resume_refuses_an_edited_experiment_before_writing(finished, tmp_path, 
     line = error_line(cli("resume", str(run)))
     assert "the experiment changed since the run started" in line and said in line, line
     assert snapshot(run) == before  # nothing written: the store's gene names are the run's
+
+
+def test_resume_continues_with_an_edited_budget(finished, tmp_path):
+    """The budget is not what results depend on: a user extends a finished search by editing it."""
+    run = copy_run(finished, tmp_path)
+    frozen = yaml.safe_load((run / "experiment.yaml").read_text())
+    frozen["budget"] = {"evaluations": 3}
+    (run / "experiment.yaml").write_text(yaml.safe_dump(frozen, sort_keys=False))
+    out = cli("resume", str(run))
+    assert out.returncode == 0, out.stderr
+    assert "budget ([2] -> [3])" in out.stderr and "continuing" in out.stderr
+    with RunStore(run / "phase0-ps" / "run.sqlite", readonly=True) as store:
+        assert store.count() == 3
+    assert json.loads((run / "fingerprint.json").read_text())["budget"] == "[3]"
 
 
 def test_resume_refuses_an_item_file_edited_in_place(zoo, tmp_path):
