@@ -25,9 +25,28 @@ TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.t
 def check_before_weights(exp: Experiment, paths: Mapping[str, Path], exp_dir: Path) -> None:
     """Every model folder (readable, config.json, complete safetensors, the base's tokenizer), every
     item file and lm-eval task, and the estimator's item budget against the benchmarks' sizes."""
+    if exp.address is None:  # workers on this machine: its devices are the ones they will use
+        check_device_here(exp.device)
     check_model_folders(paths, exp.base_model, exp.allow_pickle)
     sizes = check_benchmark_specs(exp, exp_dir)
     check_item_budget(exp, sizes)
+
+
+def check_device_here(device: str) -> None:
+    """A device this machine has (the name itself was checked with the experiment): ``cuda:3`` on a
+    machine with one GPU, or ``cuda`` with a CPU-only torch, would fail in every worker after loading."""
+    import torch
+
+    if device.startswith("cuda"):
+        n = torch.cuda.device_count()
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if n == 0:
+            raise ValueError(f"device: '{device}', but torch sees no CUDA GPU on this machine; use device: cpu "
+                             f"(or auto, which takes a GPU where there is one)")
+        if index >= n:
+            raise ValueError(f"device: '{device}', but this machine has {n} CUDA GPU(s): cuda:0 .. cuda:{n - 1}")
+    elif device == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device: 'mps', but torch has no MPS backend here; use device: cpu or auto")
 
 
 def check_model_folders(paths: Mapping[str, Path], base: str, allow_pickle: bool = False) -> None:

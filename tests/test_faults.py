@@ -243,3 +243,30 @@ def test_unwritable_place_is_one_line_as_root(zoo_models, tmp_path, monkeypatch)
     text = _one_line(CliRunner().invoke(app, ["merge", str(cfg), "-o", "/sys/evomerge-test-out"]))
     assert "cannot write /sys/" in text and ("not permitted" in text or "permission denied" in text
                                              or "read-only" in text)
+
+
+def test_anchors_when_kmeans_leaves_clusters_empty():
+    """Items that repeat (few calibration models, few items) used to end in 'argmin of an empty sequence'."""
+    import warnings
+
+    import numpy as np
+
+    from evomerge.irt.anchors import select_anchors
+
+    features = np.repeat([[0.0, 0.0], [1.0, 1.0]], 5, axis=0)  # 10 items, 2 distinct
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn's ConvergenceWarning about the duplicates
+        anchors = select_anchors(features, 4)
+    assert len(set(anchors.index.tolist())) == 4 and abs(anchors.weight.sum() - 1) < 1e-12
+
+
+def test_a_device_this_machine_lacks_is_refused_before_weights(zoo, tmp_path, monkeypatch, weights_log):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    monkeypatch.chdir(tmp_path)
+    exp = _experiment(tmp_path, zoo, {"base": "zoo:base", "rev": "zoo:rev"})
+    data = yaml.safe_load(exp.read_text())
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump({**data, "device": "cuda:1"}))
+    text = _one_line(CliRunner().invoke(app, ["search", "exp.yaml", "-o", "run"]))
+    assert "device: 'cuda:1'" in text and "no CUDA GPU" in text
+    assert not weights_log.exists()
