@@ -28,6 +28,17 @@ class OutputError(ValueError):
     """An output that cannot be written as asked; the message names the path and what to change."""
 
 
+def shown(path: Path | str) -> Path:
+    """The path a user asked for: a file inside (or the name of) a temporary ``.OUT.xxxx.partial`` folder
+    is shown inside OUT, the name the user gave, not the temporary one."""
+    path = Path(path)
+    parts = list(path.parts)
+    for i, part in enumerate(parts):
+        if part.startswith(".") and part.endswith(".partial") and part.count(".") >= 3:
+            parts[i] = part[1:].rsplit(".", 2)[0]
+    return Path(*parts) if parts else path
+
+
 def free_bytes(path: Path) -> Optional[int]:
     """Free bytes on the file system of ``path`` (its nearest existing ancestor); None if unknown."""
     probe = Path(path).absolute()
@@ -43,7 +54,7 @@ def check_space(path: Path, need: Optional[int]) -> None:
     """Refuse before writing when the file system of ``path`` has less than ``need`` bytes free."""
     free = free_bytes(path)
     if need and free is not None and free < need:
-        raise OutputError(f"{path}: not enough disk space: the output needs about {need:,} bytes and "
+        raise OutputError(f"{shown(path)}: not enough disk space: the output needs about {need:,} bytes and "
                           f"{free:,} are free; free some space or choose another folder")
 
 
@@ -62,7 +73,7 @@ def io_errors(path: Path, need: Optional[int] = None) -> Iterator[None]:
             free = free_bytes(Path(where))
             extra = "; " + (f"the output needs about {need:,} bytes, " if need else "") + \
                 (f"{free:,} bytes are free there" if free is not None else "")
-        raise OutputError(f"cannot write {where}: {REASONS[err.errno]}{extra}") from None
+        raise OutputError(f"cannot write {shown(where)}: {REASONS[err.errno]}{extra}") from None
 
 
 def check_target(out: Path, overwrite: bool) -> None:

@@ -603,11 +603,12 @@ def run_case(case: Case, root: Path, zoo: Path, shared: Shared, verbose: bool) -
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("-k", default="", help="only the cases whose name contains this")
+    ap.add_argument("-k", default="", help="only the cases whose name or class contains this (several: a,b)")
     ap.add_argument("-v", "--verbose", action="store_true", help="print each command's output")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folders")
     args = ap.parse_args()
-    cases = [c for c in CASES if args.k.lower() in c.name.lower() or args.k.lower() in c.klass]
+    keys = args.k.lower().split(",")
+    cases = [c for c in CASES if any(k in c.name.lower() or k in c.klass for k in keys)]
     zoo = zoo_root()
     root = Path(tempfile.mkdtemp(prefix="evomerge-faults-"))
     shared = Shared(root, zoo)
