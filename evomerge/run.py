@@ -396,6 +396,7 @@ def calibrate(exp_path: str | Path, out: Path, n_models: Optional[int] = None,
     exp = experiment_from_data(read_experiment_yaml(exp_path, "name, models, base_model, search_space, fitness"),
                                exp_path)
     job = Job(exp, out, exp_path.parent, console)
+    check_before_weights(exp, job.paths, exp_path.parent)
     try:
         calibrate_population(job.estimator_inputs(), out, n_models)
     finally:
