@@ -15,6 +15,7 @@ in a subprocess and classifies the outcome:
 - traceback: a Python traceback reached the user;
 - silently accepted: a case that must be refused exited 0 (or one that must succeed left a wrong result);
 - unclear message: refused, but the message lacks what it must name (the key, the file);
+- wrongly refused: a case that must succeed (a corrected command, ``--overwrite``) was refused;
 - skipped: the fault cannot be made here (permissions do not bite as root; no tmpfs without root).
 
 The run-folder cases (a failed start, resume after an edit, a damaged run store, a second process)
@@ -44,7 +45,7 @@ TIMEOUT = 600
 ITEMS = 12  # items per benchmark in the small item files (fast candidates)
 
 OUTCOMES = ("refused before weights", "refused after weights", "handled", "traceback", "silently accepted",
-            "unclear message", "timeout", "skipped")
+            "unclear message", "wrongly refused", "timeout", "skipped")
 
 
 class Skip(Exception):
@@ -547,7 +548,7 @@ def classify(case: Case, ctx: Ctx, proc: "subprocess.CompletedProcess[str]") -> 
             return "silently accepted", _last_line(proc.stdout) or "(exit 0)"
         return ("silently accepted", problem) if problem else ("handled", _last_line(proc.stdout))
     if case.expect == "succeed":
-        return ("refused after weights" if weights else "refused before weights"), message
+        return "wrongly refused", message
     text = " ".join(out.split())
     missing = [n for n in case.needle if n not in text]
     if missing or problem:
@@ -631,7 +632,7 @@ def main() -> int:
     counts = {o: sum(1 for _, out, _ in rows if out == o) for o in OUTCOMES}
     print()
     print("Counts: " + ", ".join(f"{o}: {n}" for o, n in counts.items() if n))
-    bad = counts["traceback"] + counts["silently accepted"] + counts["unclear message"] + counts["timeout"]
+    bad = sum(counts[o] for o in ("traceback", "silently accepted", "unclear message", "wrongly refused", "timeout"))
     return 1 if bad else 0
 
 
