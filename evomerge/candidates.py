@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
 from evomerge import outputs
 from evomerge.objectives import named, pareto_mask
+from evomerge.outdir import atomic_dir, write_file
 from evomerge.recipe import Recipe
 from evomerge.refs import resolve_model_ref
 from evomerge.run_folder import RunFolder
@@ -75,25 +76,35 @@ def choose(evaluations: list[Evaluation], rank: Optional[int] = None, hash_prefi
 
 def export_candidates(run_dir: str | Path, out: str | Path, rank: Optional[int] = None,
                       hash_prefix: Optional[str] = None, pareto: bool = False,
-                      phase: Optional[int] = None) -> list[Path]:
+                      phase: Optional[int] = None, overwrite: bool = False) -> list[Path]:
     """Export the chosen candidate(s) as HF checkpoints with tokenizer, the recipe beside each
     (``OUT.mergekit.yml`` or ``OUT.layer_plan.yml``) and ``OUT.candidate.json`` (hash, fitness,
-    objectives, generation). ``--pareto`` writes ``OUT/pareto-1`` ... in order of fitness."""
+    objectives, generation). ``--pareto`` writes ``OUT/pareto-1`` ... in order of fitness, all into a
+    temporary folder renamed to OUT at the end. A non-empty OUT is replaced only with ``overwrite``."""
     run_dir, out = Path(run_dir), Path(out)
     data, _ = RunFolder(run_dir).frozen()
     with RunStore(phase_store(run_dir, phase), readonly=True) as store:
         picks = choose(store.evaluations(), rank, hash_prefix, pareto)
+    missing = [ev.genome_hash[:12] for ev in picks if ev.recipe is None]
+    if missing:
+        raise ValueError(f"candidate(s) {', '.join(missing)} have no stored recipe")
     paths = model_paths(run_dir)
+    if not pareto:
+        _export_one(picks[0], out, paths, data, run_dir, overwrite)
+        return [out]
+    with atomic_dir(out, overwrite) as tmp:
+        for j, ev in enumerate(picks):
+            _export_one(ev, tmp / f"pareto-{j + 1}", paths, data, run_dir, overwrite=False)
+    return [out / f"pareto-{j + 1}" for j in range(len(picks))]
+
+
+def _export_one(ev: Evaluation, target: Path, paths: dict[str, Path], data: dict[str, Any], run_dir: Path,
+                overwrite: bool) -> None:
+    """One candidate: its checkpoint (atomically, see ``outputs.export_recipe``), recipe and candidate.json."""
+    assert ev.recipe is not None
     dtype = (data.get("export") or {}).get("dtype")
-    targets = [out / f"pareto-{j + 1}" for j in range(len(picks))] if pareto else [out]
-    written = []
-    for ev, target in zip(picks, targets):
-        if ev.recipe is None:
-            raise ValueError(f"candidate {ev.genome_hash[:12]} has no stored recipe")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        outputs.export_recipe(Recipe.from_text(ev.recipe), target, paths, bool(data.get("allow_pickle")), dtype)
-        info = {"genome_hash": ev.genome_hash, "fitness": ev.fitness, "objectives": named(ev),
-                "generation": ev.generation, "run": str(run_dir)}
-        (target.parent / f"{target.name}.candidate.json").write_text(json.dumps(info, indent=1))
-        written.append(target)
-    return written
+    outputs.export_recipe(Recipe.from_text(ev.recipe), target, paths, bool(data.get("allow_pickle")), dtype,
+                          overwrite=overwrite)
+    info = {"genome_hash": ev.genome_hash, "fitness": ev.fitness, "objectives": named(ev),
+            "generation": ev.generation, "run": str(run_dir)}
+    write_file(target.parent / f"{target.name}.candidate.json", json.dumps(info, indent=1))

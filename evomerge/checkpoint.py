@@ -27,6 +27,24 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used as asked; the message says what to change."""
 
 
+WEIGHTS_LOG_ENV = "EVOMERGE_WEIGHTS_LOG"
+_weights_noted = False
+
+
+def note_weights_loading(what: str) -> None:
+    """Mark the moment this process starts reading weights: a line "<pid> <what>" appended to the file
+    that $EVOMERGE_WEIGHTS_LOG names, once per process (nothing when it is unset). Why: whether an
+    input was refused before or after the models loaded is the difference between an error in a
+    second and one after minutes; tests and ``scripts/fault_cases.py`` read this file to tell them apart."""
+    global _weights_noted
+    target = os.environ.get(WEIGHTS_LOG_ENV)
+    if _weights_noted or not target:
+        return
+    _weights_noted = True
+    with open(target, "a") as f:
+        f.write(f"{os.getpid()} {what}\n")
+
+
 def resolve_model_path(ref: str | os.PathLike) -> Path:
     """A local folder as is; otherwise a hub id fetched (safetensors, config, tokenizer only)."""
     path = Path(ref).expanduser()
@@ -47,9 +65,53 @@ def resolve_model_path(ref: str | os.PathLike) -> Path:
 
 def read_config(path: Path) -> dict:
     cfg = path / "config.json"
+    if path.is_dir() and not os.access(path, os.R_OK | os.X_OK):
+        raise CheckpointError(f"{path}: cannot read the model folder (permission denied)")
     if not cfg.exists():
         raise CheckpointError(f"{path} has no config.json; is it a Hugging Face model folder?")
-    return json.loads(cfg.read_text())
+    data = read_json(cfg, "config.json")
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{cfg}: config.json must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_json(file: Path, what: str) -> Any:
+    """A JSON file, or a one-line error naming it (unreadable, not UTF-8, not JSON: where)."""
+    try:
+        return json.loads(file.read_text())
+    except PermissionError:
+        raise CheckpointError(f"{file}: cannot read {what} (permission denied)") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{file}: {what} is not UTF-8 text; is the file damaged?") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{file}: {what} is not valid JSON (line {err.lineno}, column {err.colno}: "
+                              f"{err.msg})") from None
+
+
+def check_safetensors(file: Path) -> None:
+    """A .safetensors file whose header is complete and whose size matches the header's data offsets,
+    checked from the header alone (8 bytes of length, then JSON), so that a truncated download is
+    named before any weight is read instead of failing inside safetensors without a file name."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 0 or 8 + n > size or n > 100_000_000:
+                raise CheckpointError(f"{file}: truncated or damaged safetensors file ({size:,} bytes; its header "
+                                      f"is incomplete); copy or download it again")
+            header = json.loads(f.read(n))
+    except PermissionError:
+        raise CheckpointError(f"{file}: cannot read it (permission denied)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{file}: damaged safetensors file (its header is not JSON); copy or download it "
+                              f"again") from None
+    ends = [int(v["data_offsets"][1]) for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
+    expected = 8 + n + max(ends, default=0)
+    if size != expected:
+        raise CheckpointError(f"{file}: truncated or damaged safetensors file ({size:,} bytes, its header describes "
+                              f"{expected:,}); copy or download it again")
 
 
 @dataclass(frozen=True)
@@ -64,8 +126,13 @@ def tensor_index(path: Path, allow_pickle: bool = False) -> dict[str, TensorInfo
     files = sorted(path.glob("*.safetensors"))
     index_file = path / "model.safetensors.index.json"
     if index_file.exists():
-        names = json.loads(index_file.read_text())["weight_map"]
-        files = sorted({path / f for f in names.values()})
+        index = read_json(index_file, "the shard index")
+        if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+            raise CheckpointError(f"{index_file}: the shard index has no weight_map")
+        files = sorted({path / f for f in index["weight_map"].values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index_file} names shard(s) the folder lacks: {', '.join(missing)}")
     if not files:
         bins = sorted(path.glob("pytorch_model*.bin"))
         if bins and not allow_pickle:
@@ -77,6 +144,7 @@ def tensor_index(path: Path, allow_pickle: bool = False) -> dict[str, TensorInfo
         raise CheckpointError(f"{path} has no *.safetensors weights")
     out: dict[str, TensorInfo] = {}
     for f in files:
+        check_safetensors(f)
         with safe_open(f, framework="pt") as st:
             for name in st.keys():
                 sl = st.get_slice(name)
@@ -86,6 +154,7 @@ def tensor_index(path: Path, allow_pickle: bool = False) -> dict[str, TensorInfo
 
 def _pickle_index(bins: list[Path]) -> dict[str, TensorInfo]:
     out = {}
+    note_weights_loading(f"pickled index {bins[0].parent}")
     for f in bins:
         sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
         for name, t in sd.items():
@@ -103,6 +172,7 @@ class TensorReader:
 
     def get(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
         info = self.index[name]
+        note_weights_loading(f"tensor {name} of {info.file}")
         if info.file.suffix == ".bin":
             if info.file not in self._state_dicts:
                 self._state_dicts[info.file] = torch.load(info.file, map_location="cpu", weights_only=True, mmap=True)
@@ -110,6 +180,18 @@ class TensorReader:
         if info.file not in self._handles:
             self._handles[info.file] = safe_open(info.file, framework="pt", device="cpu")
         return self._handles[info.file].get_tensor(name).to(device)
+
+
+SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                     "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def dtype_bytes(dtype: str) -> int:
+    """Bytes per element of a dtype as ``TensorInfo`` records it (safetensors' 'F32' or torch's 'torch.float32')."""
+    if dtype in SAFETENSORS_BYTES:
+        return SAFETENSORS_BYTES[dtype]
+    found = getattr(torch, dtype.removeprefix("torch."), None)
+    return found.itemsize if isinstance(found, torch.dtype) else 4
 
 
 def parse_size(size: str | int) -> int:

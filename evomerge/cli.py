@@ -84,21 +84,27 @@ def merge(config: Path = typer.Argument(..., exists=True, dir_okay=False, help="
           seed: Optional[int] = typer.Option(None, help="Seed of randomized methods (overrides evomerge.seed)."),
           max_shard_size: str = typer.Option("5GB", help="Largest safetensors shard."),
           allow_pickle: bool = typer.Option(False, help="Also read pickled .bin weights (runs code from the file)."),
+          overwrite: bool = typer.Option(False, "--overwrite", help="Replace what OUT holds (it is cleared first)."),
           ) -> None:
-    """Merge models as a mergekit YAML describes and write a loadable checkpoint with its tokenizer."""
+    """Merge models as a mergekit YAML describes and write a loadable checkpoint with its tokenizer.
+    OUT is written whole or not at all (a temporary folder beside it, renamed when complete)."""
     from pydantic import ValidationError
     from rich.progress import Progress
 
     from evomerge.config import format_errors, parse_yaml
     from evomerge.merge.config import MergeConfig
     from evomerge.merge.files import merge_to_disk
+    from evomerge.outdir import atomic_dir, check_target
 
     try:
+        check_target(out, overwrite)  # before any model is read
         data = parse_yaml(config.read_text(), str(config))
         if isinstance(data, dict) and "layer_plan" in data:  # a DFS layer plan (maybe over a PS merge)
             from evomerge.merge.dfs_export import merge_plan_to_disk
 
-            merge_plan_to_disk(config, out, allow_pickle=allow_pickle, device=device, max_shard_size=max_shard_size)
+            with atomic_dir(out, overwrite) as tmp:
+                merge_plan_to_disk(config, tmp, allow_pickle=allow_pickle, device=device,
+                                   max_shard_size=max_shard_size)
             console.print(f"[green]wrote[/green] {out}")
             return
         if not isinstance(data, dict):
@@ -113,8 +119,9 @@ def merge(config: Path = typer.Argument(..., exists=True, dir_okay=False, help="
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("merging", total=None)
         try:
-            merge_to_disk(cfg, out, allow_pickle=allow_pickle, device=device, max_shard_size=max_shard_size,
-                          on_tensor=lambda name: progress.update(task, advance=1, description=name))
+            with atomic_dir(out, overwrite) as tmp:
+                merge_to_disk(cfg, tmp, allow_pickle=allow_pickle, device=device, max_shard_size=max_shard_size,
+                              on_tensor=lambda name: progress.update(task, advance=1, description=name))
         except ValueError as err:
             _fail(str(err))
     console.print(f"[green]wrote[/green] {out}")
@@ -232,13 +239,14 @@ def export_cmd(run_dir: Path = typer.Argument(..., exists=True, file_okay=False,
                hash_: Optional[str] = typer.Option(None, "--hash", help="The candidate whose genome hash starts so."),
                pareto: bool = typer.Option(False, "--pareto", help="Every Pareto-optimal candidate: OUT/pareto-N."),
                phase: Optional[int] = typer.Option(None, help="Phase to choose from (default: the last begun)."),
+               overwrite: bool = typer.Option(False, "--overwrite", help="Replace what OUT holds (cleared first)."),
                ) -> None:
     """Export any evaluated candidate (checkpoint, tokenizer, recipe) from the run store alone, while the
     search goes on or after it."""
     from evomerge.candidates import export_candidates
 
     try:
-        for path in export_candidates(run_dir, out, rank, hash_, pareto, phase):
+        for path in export_candidates(run_dir, out, rank, hash_, pareto, phase, overwrite):
             print(path)
     except ValueError as err:
         _fail(str(err))

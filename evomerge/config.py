@@ -15,11 +15,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 from typing_extensions import Annotated
 
-from evomerge.estimator_kinds import check_kind
+from evomerge.domains import check_device, check_fixed, check_in_domain, check_searcher
+from evomerge.estimator_kinds import IRT_KINDS, check_kind
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown keys are refused (a typo must not fall back to a default), and so are NaN and inf in
+    every number: they pass any bound check and then fail every candidate."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Gene(Strict):
@@ -85,8 +89,9 @@ class PSSpace(Strict):
         for p in self.fixed:
             if p not in method.model_params and p not in method.global_params:
                 raise ValueError(f"fixed.{p}: '{self.method}' has no parameter '{p}'")
-        if "density" in self.genes and not (0 < self.genes["density"].low and self.genes["density"].high <= 1):
-            raise ValueError("genes.density bounds must lie in (0, 1]")
+        for p, gene in self.genes.items():
+            check_in_domain(f"genes.{p}", p, (gene.low, gene.high), bounds=True)
+        check_fixed(method, self.fixed)
         if len(set(self.filters)) != len(self.filters):
             raise ValueError(f"filters {self.filters} repeat a group")
         return self
@@ -102,6 +107,15 @@ class DFSSpace(Strict):
     scale: Gene = Field(default_factory=lambda: Gene(low=0.5, high=1.5, init=1.0))
     max_layers: Optional[int] = None  # default: 2 x the host's depth
     min_layers: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _scale(self) -> "DFSSpace":
+        if self.scale.low <= 0:
+            raise ValueError(f"scale.low {self.scale.low:g}: a hop scale must be positive (the norms ignore a "
+                             f"positive scale only, which is what folding it into the weights relies on)")
+        if self.max_layers is not None and self.max_layers < self.min_layers:
+            raise ValueError(f"max_layers {self.max_layers} is below min_layers {self.min_layers}")
+        return self
 
 
 def _space_kind(value: Any) -> str:
@@ -151,6 +165,11 @@ class Objective(Strict):
             self.benchmark = {**self.benchmark, "name": self.name}
         parse_spec(self.benchmark)
         return self
+
+
+# random merges a calibration needs: the IRT kinds cross-validate over 5 folds of them
+# (evomerge.irt.calibrate.cross_validate)
+MIN_CALIBRATION_MODELS = {"irt": 5}
 
 
 class EstimatorSpec(Strict):
@@ -204,6 +223,21 @@ class EstimatorSpec(Strict):
         return self
 
     @model_validator(mode="after")
+    def _counts(self) -> "EstimatorSpec":
+        """Budgets that are neither a fraction nor a whole count, and calibrations too small to cross-validate,
+        refused here rather than after the calibration population is scored."""
+        for key in ("budget", "max_items"):
+            v = getattr(self, key)
+            if v > 1 and not float(v).is_integer():
+                raise ValueError(f"{key} {v:g} is neither a fraction in (0, 1] nor a whole count of items; "
+                                 f"give e.g. 0.2 or 100")
+        need = MIN_CALIBRATION_MODELS.get("irt" if self.kind in IRT_KINDS else self.kind, 0)
+        if self.calibration is None and self.calibration_models is not None and self.calibration_models < need:
+            raise ValueError(f"calibration_models {self.calibration_models}: kind '{self.kind}' cross-validates "
+                             f"its calibration over {need} folds of random merges, so it needs at least {need}")
+        return self
+
+    @model_validator(mode="after")
     def _racing(self) -> "EstimatorSpec":
         if self.racing and self.kind != "adaptive":
             raise ValueError(f"racing needs confidence intervals, which estimator kind '{self.kind}' does not "
@@ -254,6 +288,11 @@ class SearcherConfig(Strict):
         return v
 
     @model_validator(mode="after")
+    def _options(self) -> "SearcherConfig":
+        check_searcher(self.name, self.options)  # the searcher's own checks: its name, each option
+        return self
+
+    @model_validator(mode="after")
     def _population_based(self) -> "SearcherConfig":
         if self.start_from_sources and not (self.name == "nsga2" or self.name.startswith("pymoo:")):
             raise ValueError(f"searcher.start_from_sources needs a population the sources can join: nsga2 or "
@@ -289,6 +328,7 @@ class Reference(Strict):
         method = get_method(self.method)  # ValueError lists the known methods
         if self.density is not None and "density" not in method.model_params:
             raise ValueError(f"'{self.method}' takes no density; drop it or choose a method that prunes")
+        check_fixed(method, self.parameters, key="parameters", model_params=False)
         return self
 
 
@@ -403,6 +443,11 @@ class Experiment(Strict):
     searcher: SearcherConfig = Field(default_factory=SearcherConfig)
     budget: Optional[Budget] = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        return check_device(v)
     dtype: Optional[str] = None
     output_dir: Optional[str] = None  # default runs/<name>
     export: Export = Field(default_factory=Export)

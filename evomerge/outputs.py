@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -27,6 +26,7 @@ from evomerge.merge.dfs_export import merge_plan_to_disk
 from evomerge.merge.files import merge_to_disk
 from evomerge.merge.plan_to_mergekit import LLAMA_WRITES, WRITES_BY_MODEL_TYPE, plan_to_mergekit
 from evomerge.objectives import Objectives
+from evomerge.outdir import atomic_dir, write_file
 from evomerge.recipe import Recipe, hand_recipe, single_model, with_paths
 from evomerge.run_folder import RunFolder, drift_log, final_confirmed, full_scores
 from evomerge.runstore import Evaluation, RunStore
@@ -49,30 +49,43 @@ class PhaseResult:
 
 
 def export_recipe(recipe: Recipe, out: Path, paths: Mapping[str, Path], allow_pickle: bool = False,
-                  out_dtype: Optional[str] = None) -> Path:
-    """Write the candidate as an HF checkpoint with tokenizer, plus its replayable recipe beside it."""
-    if out.exists():
-        shutil.rmtree(out)
-    if recipe.plan is not None:
-        (out.parent / f"{out.name}.layer_plan.yml").write_text(recipe.plan.to_yaml())
-        merge_plan_to_disk(out.parent / f"{out.name}.layer_plan.yml", out, allow_pickle=allow_pickle)
-        if all(isinstance(recipe.plan.models.get(m), str) for m in recipe.plan.members()):
-            # the same plan for mergekit: a passthrough slices: config with the scales folded in (members
-            # that are merges of their own, as in PS+DFS, have no folder mergekit could read)
-            model_type = json.loads((out / "config.json").read_text()).get("model_type", "")
-            writes = WRITES_BY_MODEL_TYPE.get(model_type, LLAMA_WRITES)
-            config = plan_to_mergekit(recipe.plan.to_dict(), residual_writes=writes)
-            (out.parent / f"{out.name}.mergekit.yml").write_text(yaml.safe_dump(config, sort_keys=False))
-        return out
-    if recipe.merge is None:
+                  out_dtype: Optional[str] = None, overwrite: bool = False) -> Path:
+    """Write the candidate as an HF checkpoint with tokenizer, plus its replayable recipe beside it
+    (``OUT.mergekit.yml`` and / or ``OUT.layer_plan.yml``). The checkpoint is written into a temporary
+    sibling and renamed into place, the recipes after it, each atomically; a recipe file of an older
+    export that this one does not write is removed. A non-empty ``out`` is replaced only with ``overwrite``."""
+    siblings: dict[str, str] = {}
+    if recipe.plan is None and recipe.merge is None:
         raise ValueError("a recipe needs a merge config, a layer plan, or both")
-    data = with_paths(recipe.merge, paths)
-    if out_dtype:
-        data["out_dtype"] = out_dtype
-    cfg = MergeConfig.model_validate(data)
-    (out.parent / f"{out.name}.mergekit.yml").write_text(cfg.to_yaml())
-    merge_to_disk(cfg, out, allow_pickle=allow_pickle)
+    with atomic_dir(out, overwrite) as tmp:
+        if recipe.plan is not None:
+            siblings["layer_plan.yml"] = recipe.plan.to_yaml()
+            merge_plan_to_disk(recipe.plan, tmp, allow_pickle=allow_pickle)
+            if all(isinstance(recipe.plan.models.get(m), str) for m in recipe.plan.members()):
+                # the same plan for mergekit: a passthrough slices: config with the scales folded in (members
+                # that are merges of their own, as in PS+DFS, have no folder mergekit could read)
+                model_type = json.loads((tmp / "config.json").read_text()).get("model_type", "")
+                writes = WRITES_BY_MODEL_TYPE.get(model_type, LLAMA_WRITES)
+                config = plan_to_mergekit(recipe.plan.to_dict(), residual_writes=writes)
+                siblings["mergekit.yml"] = yaml.safe_dump(config, sort_keys=False)
+        else:
+            assert recipe.merge is not None
+            data = with_paths(recipe.merge, paths)
+            if out_dtype:
+                data["out_dtype"] = out_dtype
+            cfg = MergeConfig.model_validate(data)
+            siblings["mergekit.yml"] = cfg.to_yaml()
+            merge_to_disk(cfg, tmp, allow_pickle=allow_pickle)
+    for suffix in RECIPE_SUFFIXES:
+        path = out.parent / f"{out.name}.{suffix}"
+        if suffix in siblings:
+            write_file(path, siblings[suffix])
+        elif path.exists():
+            path.unlink()  # an older export's recipe of the other kind: it no longer describes out
     return out
+
+
+RECIPE_SUFFIXES = ("mergekit.yml", "layer_plan.yml")
 
 
 def reference_recipes(base: str, others: list[str], hand: Sequence[Reference]) -> dict[str, Recipe]:

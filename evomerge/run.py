@@ -29,13 +29,12 @@ from evomerge.estimators import (
     make_fitness_estimator,
     sampled_items,
 )
-from evomerge.evaluate.custom import CustomFitness
-from evomerge.evaluate.registry import make_evaluator
 from evomerge.evaluate.vllm_engine import resolve_backend
 from evomerge.fingerprint import changes, fingerprint
 from evomerge.loop import open_searcher, run_request, search
 from evomerge.objectives import Objectives
 from evomerge.outputs import PhaseResult
+from evomerge.precheck import check_before_weights
 from evomerge.progress import phase_progress
 from evomerge.recipe import Recipe, hand_recipe, single_model, with_paths
 from evomerge.refs import resolve_model_ref
@@ -78,24 +77,6 @@ def resolve_models(exp: Experiment, exp_dir: Path) -> dict[str, Path]:
         except ValueError as err:
             raise ValueError(f"models.{name}: {err}") from None
     return paths
-
-
-def check_benchmark_specs(exp: Experiment, exp_dir: Path) -> None:
-    """Build every item and lm-eval benchmark here, before any model loads, and list its items: a
-    missing or broken item file, or an lm-eval task name that lm-eval cannot find, stops the run
-    with the key that names it. (Custom functions are loaded by the workers.)"""
-    sets = [("fitness.objectives", exp.fitness.objectives), ("fitness.test", exp.fitness.test)]
-    for where, objectives in sets:
-        for i, o in enumerate(objectives):
-            if o.benchmark.get("type") not in ("items", "lm_eval"):
-                continue
-            try:
-                evaluator = make_evaluator(o.benchmark, exp_dir)
-                assert not isinstance(evaluator, CustomFitness)
-                evaluator.item_ids()
-            except (ValueError, KeyError, FileNotFoundError, OSError) as err:
-                text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-                raise ValueError(f"{where}[{i}] ({o.name}): {text}") from None
 
 
 class Job:
@@ -178,10 +159,10 @@ class Job:
 
     # -- the job --------------------------------------------------------------------------------
     def run(self) -> list[PhaseResult]:
+        check_before_weights(self.exp, self.paths, self.exp_dir)  # files, items, budgets: before any weight loads
         self.run_dir.mkdir(parents=True, exist_ok=True)
         results: list[PhaseResult] = []
         try:
-            check_benchmark_specs(self.exp, self.exp_dir)
             self.check_benchmarks()
             estimator = make_fitness_estimator(self.estimator_inputs())
             hand = self.hand = self.score_hand_recipes()
@@ -356,7 +337,8 @@ class Job:
         chosen: dict[str, Recipe] = {}
         for j, recipe in enumerate(exported):
             name = "best" if len(final.best) == 1 else f"pareto-{j + 1}"
-            outputs.export_recipe(recipe, self.run_dir / name, self.paths, exp.allow_pickle, exp.export.dtype)
+            outputs.export_recipe(recipe, self.run_dir / name, self.paths, exp.allow_pickle, exp.export.dtype,
+                                  overwrite=True)  # the run's own folder: a resume exports again
             chosen[name] = recipe
         earlier = {f"phase {ph.index} best ({ph.kind})": ph.recipes[0] for ph in phases[:-1]}
         test: dict[str, dict[str, Any]] = {}
@@ -398,7 +380,7 @@ def run_fingerprint(exp: Experiment, exp_dir: Path) -> dict[str, str]:
     fingerprint of what the run's results depend on (``evomerge.fingerprint``)."""
     spaces = exp.load_spaces(exp_dir)
     paths = resolve_models(exp, exp_dir)
-    check_benchmark_specs(exp, exp_dir)
+    check_before_weights(exp, paths, exp_dir)  # device, model files, tokenizer, items, budgets
     return fingerprint(exp, exp_dir, spaces, paths)
 
 
@@ -501,6 +483,7 @@ def calibrate(exp_path: str | Path, out: Path, n_models: Optional[int] = None,
     exp = experiment_from_data(read_experiment_yaml(exp_path, "name, models, base_model, search_space, fitness"),
                                exp_path)
     job = Job(exp, out, exp_path.parent, console)
+    check_before_weights(exp, job.paths, exp_path.parent)
     try:
         calibrate_population(job.estimator_inputs(), out, n_models)
     finally:

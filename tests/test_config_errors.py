@@ -54,7 +54,7 @@ CASES = [
      ["search_space.genes.weight", "low < high", "low=1.0, high=0.0"]),
     ("density above 1", _set("search_space", {"method": "dare_ties", "genes": {"weight": {"low": 0, "high": 1},
                                                                                "density": {"low": 0.1, "high": 1.5}}}),
-     ["genes.density bounds must lie in (0, 1]"]),
+     ["genes.density", "bound 1.5 is outside (0, 1]"]),
     ("unknown preset", _set("search_space", "ps_no_such"), ["search space 'ps_no_such' not found",
                                                             "ps_task_arithmetic_layers"]),
     ("missing item file", _set("fitness.objectives.0.benchmark.path", "nope.jsonl"),
@@ -83,6 +83,39 @@ CASES = [
      ["successive_halving ranks a whole generation", "use cmaes, nsga2"]),
     ("budget of zero", _set("budget", {"evaluations": 0}), ["budget.evaluations", "greater than 0", "got 0"]),
     ("missing key", _set("base_model", _DELETE), ["base_model: missing"]),
+    # values that used to pass validation and then fail every candidate, or fail after the models loaded
+    ("objective weight NaN", _set("fitness.objectives.0.weight", float("nan")),
+     ["fitness.objectives.0.weight", "finite number", "nan"]),
+    ("objective weight inf", _set("fitness.objectives.0.weight", float("inf")), ["fitness.objectives.0.weight", "inf"]),
+    ("fixed density 1.5", _set("search_space", {"method": "ties", "genes": {"weight": {"low": 0, "high": 1}},
+                                                "fixed": {"density": 1.5}}),
+     ["search_space", "fixed.density", "value 1.5 is outside (0, 1]"]),
+    ("fixed switch not a boolean", _set("search_space", {"method": "ties", "genes": {"weight": {"low": 0, "high": 1}},
+                                                         "fixed": {"normalize": "yes"}}),
+     ["fixed.normalize", "'yes'", "true or false"]),
+    ("gene bound NaN", _set("search_space", {"method": "task_arithmetic", "genes": {"weight": {"low": 0,
+                                                                                              "high": float("nan")}}}),
+     ["search_space.genes.weight.high", "finite"]),
+    ("device tpu9", _set("device", "tpu9"), ["device 'tpu9'", "cuda:N"]),
+    ("unknown nevergrad optimizer", _set("searcher", {"name": "nevergrad:Bogus"}),
+     ["nevergrad has no optimizer 'Bogus'", "nevergrad:NGOpt"]),
+    ("nevergrad optimizer typo", _set("searcher", {"name": "nevergrad:TwoPointDE", "options": {"budget": 4}}),
+     ["Did you mean nevergrad:TwoPointsDE"]),
+    ("unknown pymoo algorithm", _set("searcher", {"name": "pymoo:NSGA9"}), ["pymoo has no algorithm 'NSGA9'"]),
+    ("sigma a word", _set("searcher", {"name": "cmaes", "options": {"sigma": "big"}}), ["cmaes: sigma", "'big'"]),
+    ("sigma NaN", _set("searcher", {"name": "cmaes", "options": {"sigma": float("nan")}}), ["options.sigma", "finite"]),
+    ("item budget above the items", _set("fitness.estimator", {"kind": "random", "budget": 5000}),
+     ["fitness.estimator.budget", "5000 items", "'rev' has 8 items"]),
+    ("item budget neither fraction nor count", _set("fitness.estimator", {"kind": "random", "budget": 12.5}),
+     ["budget 12.5", "whole count"]),
+    ("too few calibration models", _set("fitness.estimator", {"kind": "gpirt", "calibration_models": 2}),
+     ["calibration_models 2", "at least 5"]),
+    ("hand recipe slerp t=2", _set("references", [{"name": "x", "method": "slerp", "parameters": {"t": 2}}]),
+     ["references.0", "parameters.t", "[0, 1]"]),
+    ("hand recipe unknown parameter", _set("references", [{"name": "x", "method": "ties", "parameters": {"lamda": 1}}]),
+     ["parameters.lamda", "no parameter 'lamda'"]),
+    ("DFS scale not positive", _set("search_space", {"kind": "dfs", "scale": {"low": 0, "high": 1.5}}),
+     ["scale.low 0", "positive"]),
     ("lm-eval task name lm-eval cannot find",
      _set("fitness.objectives.0.benchmark", {"type": "lm_eval", "task": "zoo_rev_lcoal", "include_path": "tasks"}),
      ["fitness.objectives[0] (rev):", "no task ['zoo_rev_lcoal']"]),
@@ -102,6 +135,11 @@ def _check(result, fragments: list[str]) -> None:
 @pytest.fixture
 def workdir(zoo, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    # every refusal here comes before any weight is read: the marker file must stay absent
+    import evomerge.checkpoint as checkpoint
+
+    monkeypatch.setenv(checkpoint.WEIGHTS_LOG_ENV, str(tmp_path / "weights.log"))
+    monkeypatch.setattr(checkpoint, "_weights_noted", False)
     write_jsonl(tmp_path / "rev.jsonl", zoo.items("rev", "fitness")[:8])
     (tmp_path / "broken.jsonl").write_text('{"id": "a", "prompt": "x", "answer": "y"}\n{"id": "b", "prompt": \n')
     (tmp_path / "tasks").mkdir()
@@ -117,6 +155,7 @@ def test_bad_experiment_is_one_clear_error_before_any_model_loads(workdir: Path,
     result = CliRunner().invoke(app, ["search", "exp.yaml", "-o", "run"])
     _check(result, fragments)
     assert not (workdir / "run" / "phase0-ps").exists()  # no search began
+    assert not (workdir / "weights.log").exists()  # and no weight was read
 
 
 def test_malformed_yaml_names_file_and_line(workdir: Path):

@@ -86,9 +86,20 @@ def _cluster(features: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.nd
         km = KMeans(n_clusters=k, n_init=5, random_state=seed).fit(features)
     dist = ((features[:, None, :] - km.cluster_centers_[None]) ** 2).sum(-1)  # (items, clusters)
     index = np.empty(k, dtype=np.int64)
+    empty = []
     for c in range(k):
         members = np.flatnonzero(km.labels_ == c)
-        index[c] = members[np.argmin(dist[members, c])]
+        if members.size:
+            index[c] = members[np.argmin(dist[members, c])]
+        else:
+            empty.append(c)
+    # KMeans leaves clusters empty when items repeat (few calibration models give few distinct response
+    # patterns, and small benchmarks few items): such a cluster's anchor is the nearest item not yet an
+    # anchor, with weight 0 (it stands for no item), instead of argmin over nothing
+    used = set(index[[c for c in range(k) if c not in empty]].tolist())
+    for c in empty:
+        index[c] = next(int(i) for i in np.argsort(dist[:, c], kind="stable") if int(i) not in used)
+        used.add(int(index[c]))
     sizes = np.bincount(km.labels_, minlength=k).astype(float)
     return index, sizes
 

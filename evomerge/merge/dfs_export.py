@@ -19,7 +19,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from evomerge.checkpoint import copy_tokenizer, resolve_model_path, write_sharded
+from evomerge.checkpoint import copy_tokenizer, note_weights_loading, resolve_model_path, write_sharded
 from evomerge.merge.dfs_model import (
     RESIDUAL_WRITES,
     _layer_list,
@@ -140,6 +140,7 @@ def merge_plan_to_disk(plan: LayerPlan | Mapping[str, Any] | str | Path, out: st
                                                 device=device, max_shard_size=max_shard_size)
             else:
                 folders[member] = resolve_model_path(spec)
+        note_weights_loading(f"layer plan pool {sorted(folders)}")
         models: dict[str, Any] = {m: AutoModelForCausalLM.from_pretrained(f, dtype="auto") for m, f in folders.items()}
         models = {m: model.to(device).eval() for m, model in models.items()}
         export_dfs(plan, models, out, tokenizer_from=folders[plan.host], max_shard_size=max_shard_size)

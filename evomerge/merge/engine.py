@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from evomerge.checkpoint import TensorReader, resolve_model_path
+from evomerge.checkpoint import TensorReader, note_weights_loading, resolve_model_path
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.delta_cache import DeltaCache, open_cache, task_vectors
 from evomerge.merge.methods import FastRng, linear_from_deltas, merge_tensor
@@ -99,6 +99,7 @@ class MergeEngine:
 
     def _new_model(self) -> PreTrainedModel:
         """The model candidates are written into (its weights start as the base's)."""
+        note_weights_loading(f"model {self.sources.paths[self.base_name]}")
         loaded = AutoModelForCausalLM.from_pretrained(self.sources.paths[self.base_name], dtype=self.dtype)
         model: PreTrainedModel = loaded.to(self.device).eval()  # type: ignore[arg-type]
         self._targets = self._target_tensors(model)

@@ -8,18 +8,20 @@ not the model size times the number of models (mergekit #549).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
-from evomerge.checkpoint import TensorReader, copy_tokenizer, resolve_model_path, write_sharded
+from evomerge.checkpoint import TensorReader, copy_tokenizer, dtype_bytes, resolve_model_path, write_sharded
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.engine import as_dtype, tensor_seed
 from evomerge.merge.methods import FastRng, merge_tensor
 from evomerge.merge.plan import Sources, check_config, job_params
 from evomerge.merge.slices import output_config, output_reference, plan_jobs
 from evomerge.merge.tokenizer import VOCAB_NAMES, build_tokenizer, output_vocab_size, vocab_rows
+from evomerge.outdir import check_space, io_errors
 
 
 def merge_to_disk(config: MergeConfig, out: str | Path, *, allow_pickle: bool = False,
@@ -44,6 +46,10 @@ def merge_to_disk(config: MergeConfig, out: str | Path, *, allow_pickle: bool = 
                                    {m: sources.configs[m].get("vocab_size") for m in names}, list(tok_tokens))
     work_dtype = as_dtype(config.dtype)
     out_dtype = as_dtype(config.out_dtype or config.dtype)
+    need = sum(math.prod(sources.index[j.order[0]][j.sources[j.order[0]]].shape)
+               * (out_dtype.itemsize if out_dtype is not None else dtype_bytes(
+                   sources.index[j.order[0]][j.sources[j.order[0]]].dtype)) for j in jobs)
+    check_space(out, need)  # a full disk is said now, not after minutes of merging
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for job in jobs:
@@ -75,7 +81,8 @@ def merge_to_disk(config: MergeConfig, out: str | Path, *, allow_pickle: bool = 
                 on_tensor(job.name)
             yield job.name, merged.cpu()
 
-    write_sharded(tensors(), out, max_shard_size)
+    with io_errors(out, need):
+        write_sharded(tensors(), out, max_shard_size)
     ref = output_reference(config)
     cfg = output_config(config, sources.configs[ref], sources.configs, num_layers)
     dtype_name = config.out_dtype or config.dtype or cfg.get("dtype") or cfg.get("torch_dtype")

@@ -194,6 +194,12 @@ class Searcher(ABC):
     _n_told: int
 
     @classmethod
+    def check_spec(cls, name: str, options: Mapping[str, Any]) -> None:
+        """Raise when ``name`` or ``options`` cannot build this searcher. Called when the experiment is
+        validated (no box is known yet) and again when the searcher starts, so that a bad name or option
+        is refused before any model loads, in the searcher's own words."""
+
+    @classmethod
     def several_objectives(cls, name: str, options: Mapping[str, Any]) -> bool:
         """Whether searcher ``name`` with ``options`` is told every objective (a Pareto search) rather
         than the scalar fitness: ``multi_objective: true`` in the options of a searcher that can do

@@ -9,7 +9,7 @@ We save every attribute ourselves, exactly, with the RNG's full MT19937 state: J
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -33,21 +33,28 @@ class CmaEsSearcher(Searcher):
     multi_objective = False
     takes_starts = True
 
+    @classmethod
+    def check_spec(cls, name: str, options: Mapping[str, Any]) -> None:
+        check_options("cmaes", dict(options), OPTIONS)
+        sigma = options.get("sigma", 1 / 6)
+        if not is_number(sigma) or not 0 < sigma <= 1:
+            raise ValueError(f"cmaes: sigma must be a number in (0, 1] (a fraction of each gene's range), "
+                             f"got {sigma!r}")
+        popsize = options.get("popsize")
+        if popsize is not None and (not is_int(popsize) or popsize < 2):
+            raise ValueError(f"cmaes: popsize must be an integer >= 2, got {popsize!r}")
+        lr_adapt = options.get("lr_adapt", False)
+        if not isinstance(lr_adapt, bool):
+            raise ValueError(f"cmaes: lr_adapt must be true or false, got {lr_adapt!r}")
+
     def _start(self) -> None:
         import cmaes
 
         opts = self.spec.options
-        check_options("cmaes", opts, OPTIONS)
+        self.check_spec("cmaes", opts)
         sigma = opts.get("sigma", 1 / 6)
-        if not is_number(sigma) or not 0 < sigma <= 1:
-            raise ValueError(f"cmaes: sigma must be a number in (0, 1] (a fraction of each gene's range), "
-                             f"got {sigma!r}")
         popsize = opts.get("popsize")
-        if popsize is not None and (not is_int(popsize) or popsize < 2):
-            raise ValueError(f"cmaes: popsize must be an integer >= 2, got {popsize!r}")
         lr_adapt = opts.get("lr_adapt", False)
-        if not isinstance(lr_adapt, bool):
-            raise ValueError(f"cmaes: lr_adapt must be true or false, got {lr_adapt!r}")
         x0 = self.spec.centre if self.spec.x0 is None else self.spec.x0
         u0 = self._to_unit(x0)
         bounds = np.tile(np.array([0.0, 1.0]), (self.spec.dim, 1))

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import difflib
 import pickle
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -111,20 +111,28 @@ class NevergradSearcher(Searcher):
     def optimizer_name(self) -> str:
         return self.spec.name.split(":", 1)[1]
 
+    @classmethod
+    def check_spec(cls, name: str, options: Mapping[str, Any]) -> None:
+        """The optimizer's name first (an unknown one is named, with close names), then the options."""
+        resolve_optimizer(name.split(":", 1)[1])
+        check_options(name, {k: v for k, v in options.items() if k != "multi_objective"}, OPTIONS)
+        budget = options.get("budget")
+        if budget is None:
+            raise ValueError(f"{name}: give the option budget=<number of evaluations planned>; "
+                             f"nevergrad chooses and tunes its method from it")
+        if not is_int(budget) or budget < 1:
+            raise ValueError(f"{name}: budget must be an integer >= 1, got {budget!r}")
+        workers = options.get("num_workers", 1)
+        if not is_int(workers) or workers < 1:
+            raise ValueError(f"{name}: num_workers must be an integer >= 1, got {workers!r}")
+
     def _start(self) -> None:
         import nevergrad as ng
 
         opts = self.spec.options
-        check_options(self.spec.name, opts, OPTIONS)
-        budget = opts.get("budget")
-        if budget is None:
-            raise ValueError(f"{self.spec.name}: give the option budget=<number of evaluations planned>; "
-                             f"nevergrad chooses and tunes its method from it")
-        if not is_int(budget) or budget < 1:
-            raise ValueError(f"{self.spec.name}: budget must be an integer >= 1, got {budget!r}")
+        self.check_spec(self.spec.name, opts)
+        budget = opts["budget"]
         workers = opts.get("num_workers", 1)
-        if not is_int(workers) or workers < 1:
-            raise ValueError(f"{self.spec.name}: num_workers must be an integer >= 1, got {workers!r}")
         cls = resolve_optimizer(self.optimizer_name)
         x0 = self.spec.centre if self.spec.x0 is None else self.spec.x0
         self._rng = GlobalRNG(self.spec.seed)

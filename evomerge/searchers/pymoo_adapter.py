@@ -137,6 +137,11 @@ class PymooSearcher(Searcher):
         """A pymoo.algorithms.moo algorithm (NSGA-II, NSGA-III, SMS-EMOA...) searches a Pareto front."""
         return resolve_algorithm(algorithm_name(name)).__module__.startswith("pymoo.algorithms.moo")
 
+    @classmethod
+    def check_spec(cls, name: str, options: Mapping[str, Any]) -> None:
+        algo = resolve_algorithm(algorithm_name(name))
+        check_options(name, {k: v for k, v in options.items() if k != "multi_objective"}, accepted_options(algo))
+
     def _start(self) -> None:
         cls = resolve_algorithm(self.algorithm_name)
         if self.spec.n_obj > 1 and cls.__module__.startswith("pymoo.algorithms.soo"):

@@ -7,7 +7,7 @@ so the baseline includes the starting point the other searchers start from; the 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -21,11 +21,15 @@ class RandomSearcher(Searcher):
     multi_objective = True
     takes_starts = True
 
-    def _start(self) -> None:
-        check_options("random", self.spec.options, OPTIONS)
-        popsize = self.spec.options.get("popsize", 8)
+    @classmethod
+    def check_spec(cls, name: str, options: Mapping[str, Any]) -> None:
+        check_options("random", {k: v for k, v in options.items() if k != "multi_objective"}, OPTIONS)
+        popsize = options.get("popsize", 8)
         if not is_int(popsize) or popsize < 1:
             raise ValueError(f"random: popsize must be an integer >= 1, got {popsize!r}")
+
+    def _start(self) -> None:
+        self.check_spec("random", self.spec.options)
         self._rng = np.random.Generator(np.random.PCG64(self.spec.seed))
         self._x0_due = self.spec.x0 is not None
         self._next_start = 0  # how many of _starts() were asked
