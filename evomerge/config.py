@@ -239,6 +239,11 @@ class SearcherConfig(Strict):
     # The first population holds a genome per model (base and sources) that reproduces it exactly,
     # so a Pareto front starts from the experts' corners (PS spaces whose method can express it).
     start_from_sources: bool = False
+    # The best hand recipe (``references``, scored on the fitness split before the search) that the
+    # phase's space contains exactly is the searcher's start (CMA-ES's mean, x0) and a member of its
+    # first generation, evaluated like any candidate; a Pareto searcher gets every contained one. On
+    # by default: it costs one evaluation of the budget and the search starts where a person would stop.
+    seed_from_hand_recipes: bool = True
 
     @field_validator("name")
     @classmethod

@@ -42,6 +42,7 @@ from evomerge.refs import resolve_model_ref
 from evomerge.runstore import Evaluation, RunStore, write_atomic
 from evomerge.searchers import Searcher, make_searcher, searcher_class
 from evomerge.spaces import Genome, PSGenome, build_space, genome_seed
+from evomerge.spaces.seeding import genome_of
 from evomerge.tracking import Tracker, open_tracker
 from evomerge.workers import Pool, Task, open_pool, run_tasks
 
@@ -112,6 +113,7 @@ class Job:
         self.objectives = objectives_of(exp)
         self._pool = pool
         self._info: dict[str, Any] | None = None
+        self.hand: dict[str, dict[str, Any]] = {}  # RUN/hand_recipes.json, once scored
         self.tracker = Tracker({}, run_dir)  # the experiment's trackers, opened by run()
 
     # -- workers --------------------------------------------------------------------------------
@@ -180,7 +182,7 @@ class Job:
             check_benchmark_specs(self.exp, self.exp_dir)
             self.check_benchmarks()
             estimator = make_fitness_estimator(self.estimator_inputs())
-            hand = self.score_hand_recipes()
+            hand = self.hand = self.score_hand_recipes()
             self.score_sources()
             self.tracker = open_tracker(self.exp.tracking, self.run_dir, self.exp.name)
             for k, (space, phase) in enumerate(zip(self.spaces, self.exp.phases or [])):
@@ -239,8 +241,32 @@ class Job:
                 self.console.print(f"[yellow]start_from_sources: phase {k}'s space ({space.kind}, "
                                    f"{getattr(space, 'method', 'layer plan')}) cannot express a source "
                                    f"exactly; starting from a random population[/yellow]")
-        return make_searcher(spec.name, genome.lower, genome.upper, x0=genome.x0, n_obj=self.objectives.n_obj,
-                             seed=self.exp.seed + k, starts=list(starts.values()), **opts)
+        seeds = self.hand_seeds(k, space, genome)
+        x0 = seeds[0][1] if seeds else genome.x0
+        return make_searcher(spec.name, genome.lower, genome.upper, x0=x0, n_obj=self.objectives.n_obj,
+                             seed=self.exp.seed + k, starts=[x for _, x in seeds] + list(starts.values()), **opts)
+
+    def hand_seeds(self, k: int, space: PSSpace | DFSSpace, genome: Genome) -> list[tuple[str, np.ndarray]]:
+        """The hand recipes that seed phase ``k`` (``searcher.seed_from_hand_recipes``): those its space
+        contains exactly (``genome_of``), best first by their fitness in ``RUN/hand_recipes.json``
+        (written before the search, so a resume decides the same; ties keep the references' order);
+        one searched objective: the best only, several: every one."""
+        if not self.exp.searcher.seed_from_hand_recipes or not self.hand:
+            return []
+        scored = [(n, float(h["fitness"])) for n, h in self.hand.items() if h.get("fitness") is not None]
+        seeds = [(n, f, x) for n, f in sorted(scored, key=lambda t: -t[1])
+                 if (x := genome_of(genome, self.hand_recipe(n))) is not None]
+        if self.objectives.n_obj == 1:
+            seeds = seeds[:1]
+        what = f"phase {k}'s space ({space.kind}, {getattr(space, 'method', 'layer plan')})"
+        if seeds:
+            self.console.print(f"{what} contains the hand recipe(s) " + ", ".join(
+                f"'{n}' ({f:.4f})" for n, f, _ in seeds) + f": the search starts from '{seeds[0][0]}', "
+                f"evaluated in its first generation", soft_wrap=True)
+        else:
+            self.console.print(f"no hand recipe lies in {what}; starting from the space's own start point "
+                               f"(x0)", soft_wrap=True)
+        return [(n, x) for n, _, x in seeds]
 
     def run_phase(self, k: int, space: PSSpace | DFSSpace, budget: int, earlier: list[PhaseResult],
                   estimator: FitnessEstimator) -> PhaseResult:

@@ -203,6 +203,8 @@ def test_killed_and_resumed_run_follows_the_same_trajectory(zoo, tmp_path):
     assert resumed[2] == reference[2]  # the same genomes were evaluated, each recorded once
     assert len(hashes) == len(set(hashes)) == 36
     assert resumed[3] == reference[3]
+    with RunStore(cut_dir / "phase0-ps" / "run.sqlite", readonly=True) as store:  # seeded by a hand recipe
+        assert any(np.ptp(np.array(e.genome)) == 0 for e in store.evaluations())
     assert json.loads((cut_dir / "test_results.json").read_text()) == json.loads(
         (ref_dir / "test_results.json").read_text())
 

@@ -324,8 +324,8 @@ def test_starting_genomes_join_the_first_population_and_survive_a_reload():
     assert [g.tobytes() for g in again.ask()] == [g.tobytes() for g in first]
     with pytest.raises(ValueError, match=r"starts\[0\] has shape \(1,\), the genome has \(6,\)"):
         make_searcher("nsga2", LOWER, UPPER, seed=0, pop_size=8, starts=[[0.0]])
-    with pytest.raises(ValueError, match=r"cmaes starts from one point \(x0\), not a population"):
-        make_searcher("cmaes", LOWER, UPPER, seed=0, starts=starts)
+    cma = make_searcher("cmaes", LOWER, UPPER, seed=0, starts=starts, popsize=6).ask()  # CMA-ES: the first samples
+    assert [g.tobytes() for g in cma[:3]] == [x.tobytes() for x in starts]
 
 
 def test_cmaes_sigma_is_a_fraction_of_each_range():

@@ -48,8 +48,8 @@ class SearcherSpec:
     n_obj: int = 1
     seed: int = 0
     options: dict[str, Any] = field(default_factory=dict)
-    #: genomes the first population must hold besides x0 (e.g. the source models); population-based
-    #: searchers only
+    #: genomes the first population must hold besides x0 (e.g. the source models, the hand recipes the
+    #: space contains), evaluated first; searchers with ``takes_starts`` only
     starts: Sequence[np.ndarray] = ()
 
     def __post_init__(self) -> None:
@@ -209,8 +209,7 @@ class Searcher(ABC):
             raise ValueError(f"{spec.name} optimizes a single objective, got n_obj={spec.n_obj}; "
                              f"use 'nsga2' (or another multi-objective searcher) for several objectives")
         if spec.starts and not self.takes_starts:
-            raise ValueError(f"{spec.name} starts from one point (x0), not a population: starting genomes "
-                             f"(start_from_sources) need nsga2 or pymoo:<Algorithm>")
+            raise ValueError(f"{spec.name} takes no starting genomes (starts); give it x0 only")
         self._init_common(spec)
         self._start()
 
@@ -425,6 +424,15 @@ class Searcher(ABC):
                                  f"modified after ask): {np.array2string(g, precision=4, threshold=8)}")
             positions.append(slots.pop(0))
         return positions
+
+
+def unique_points(points: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The genomes without exact repeats, in order (float64 copies)."""
+    out: list[np.ndarray] = []
+    for p in points:
+        if not any(np.array_equal(p, q) for q in out):
+            out.append(np.array(p, dtype=np.float64))
+    return out
 
 
 def is_int(x: Any) -> bool:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from evomerge.searchers import state as st
-from evomerge.searchers.base import Searcher, check_options, is_int, is_number
+from evomerge.searchers.base import Searcher, check_options, is_int, is_number, unique_points
 
 OPTIONS = {
     "sigma": "initial step size as a fraction of each gene's range (default 1/6, as EvoMerge)",
@@ -24,10 +24,14 @@ OPTIONS = {
 
 
 class CmaEsSearcher(Searcher):
-    """Single-objective CMA-ES; x0 defaults to the centre of the box."""
+    """Single-objective CMA-ES; x0 (the mean it starts from) defaults to the centre of the box.
+    ``starts`` (e.g. x0 itself, a hand recipe) replace the first samples of the first generation, so
+    they are evaluated and told like any member; the samples are still drawn, so the RNG stream is
+    the same as without them."""
 
     steady_state = False
     multi_objective = False
+    takes_starts = True
 
     def _start(self) -> None:
         import cmaes
@@ -74,7 +78,11 @@ class CmaEsSearcher(Searcher):
     def _ask(self, n: int | None) -> list[np.ndarray]:
         self._units = [self._cma.ask() for _ in range(self.popsize)]
         span = self.spec.upper - self.spec.lower
-        return [self.spec.lower + u * span for u in self._units]
+        out = [self.spec.lower + u * span for u in self._units]
+        if self._cma.generation == 0:  # the given starting genomes join the first generation, exactly
+            for j, x in enumerate(unique_points(self.spec.starts)[: self.popsize]):
+                self._units[j], out[j] = self._to_unit(x), x.copy()
+        return out
 
     def _tell(self, positions: list[int], losses: np.ndarray) -> None:
         ordered = np.empty(len(self._units))

@@ -27,7 +27,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from evomerge.searchers.base import Searcher, check_options, is_int
+from evomerge.searchers.base import Searcher, check_options, is_int, unique_points
 from evomerge.searchers.state import GlobalRNG
 
 OPTIONS = {
@@ -100,8 +100,12 @@ def _check_saveable(name: str, opt) -> None:
 
 
 class NevergradSearcher(Searcher):
+    """x0 is the parametrization's init; the starting genomes (``starts``) are suggested to the
+    optimizer, so its first asks return them exactly, in order."""
+
     steady_state = True
     multi_objective = True
+    takes_starts = True
 
     @property
     def optimizer_name(self) -> str:
@@ -129,6 +133,8 @@ class NevergradSearcher(Searcher):
             param.random_state = np.random.RandomState(self.spec.seed)
             self._opt = cls(parametrization=param, budget=int(budget), num_workers=int(workers))
             _check_saveable(self.optimizer_name, self._opt)
+            for start in reversed(unique_points(self.spec.starts)):  # nevergrad pops the last suggestion first
+                self._opt.suggest(start.copy())
         self._candidates: list[Any] = []  # nevergrad Parameters, parallel to the pending genomes
 
     def _default_batch(self) -> int:

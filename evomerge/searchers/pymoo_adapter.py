@@ -28,7 +28,7 @@ from pymoo.core.termination import NoTermination
 from pymoo.operators.sampling.rnd import FloatRandomSampling
 from pymoo.problems.static import StaticProblem
 
-from evomerge.searchers.base import Searcher, check_options
+from evomerge.searchers.base import Searcher, check_options, unique_points
 from evomerge.searchers.state import GlobalRNG
 
 # Found by saving after k tells and comparing with an uninterrupted run (pymoo 0.6.2).
@@ -147,7 +147,7 @@ class PymooSearcher(Searcher):
         check_options(self.spec.name, kwargs, params)
         if "ref_dirs" in kwargs or _requires(cls, "ref_dirs"):
             kwargs["ref_dirs"] = _ref_dirs(kwargs.get("ref_dirs"), self.spec.n_obj)
-        points = ([self.spec.x0] if self.spec.x0 is not None else []) + list(self.spec.starts)
+        points = unique_points(([self.spec.x0] if self.spec.x0 is not None else []) + list(self.spec.starts))
         if points:
             if "sampling" not in params:
                 raise ValueError(f"{self.spec.name} takes no initial population, so neither x0 nor starting "
