@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from test_search import experiment
 
@@ -122,12 +123,33 @@ def test_status_while_running_export_any_candidate_and_tensorboard(zoo, tmp_path
         {"base", "rev", "sort", "tr"}
 
 
+def gated_test_objective(tmp: Path) -> dict:
+    """A custom test-split objective that holds the run before its held-out evaluation while ``tmp/gate``
+    exists (the base check before the search, its first call, passes): the killed run is then unfinished
+    however slowly the machine lets a test poll it, with no race against the search's clock."""
+    fn = tmp / "gate.py"
+    fn.write_text(f"""import time
+from pathlib import Path
+
+def score(model, tokenizer, ctx):
+    calls = Path({str(tmp / 'calls')!r})
+    calls.write_text(calls.read_text() + "x" if calls.exists() else "x")
+    while len(calls.read_text()) > 1 and Path({str(tmp / 'gate')!r}).exists():
+        time.sleep(0.2)
+    return 1.0
+""")
+    (tmp / "gate").touch()
+    return {"name": "gate", "benchmark": {"type": "custom", "fn": f"{fn}:score"}}
+
+
 def test_report_of_a_killed_run_and_resume_continues_the_tracked_run(zoo, tmp_path):
-    experiment(zoo, tmp_path, budget={"evaluations": 18}, tracking={"tensorboard": "tb"})
+    exp = experiment(zoo, tmp_path, budget={"evaluations": 18}, tracking={"tensorboard": "tb"})
+    exp["fitness"]["test"].append(gated_test_objective(tmp_path))
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp))
     run = tmp_path / "run"
     proc = launch(tmp_path, run)
     try:
-        wait_for(proc, run, 8)  # past the first generation (popsize 6)
+        wait_for(proc, run, 8)  # past the first generation (popsize 6); the gate holds it before the test split
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -140,7 +162,6 @@ def test_report_of_a_killed_run_and_resume_continues_the_tracked_run(zoo, tmp_pa
     assert not (run / "summary.json").exists()  # still an unfinished run for status and resume
     killed = json.loads(cli("status", str(run), "--json").stdout)
     done = killed["phases"][0]["done"]
-    # a loaded machine can poll so slowly that the 18 candidates are all in before the kill
     # the killed process holds no lock: the run is stopped, not searching
     assert done >= 8 and killed["state"].startswith("stopped") and killed["pid"] is None
     cli("report", str(run), "--format", "svg")
@@ -148,6 +169,7 @@ def test_report_of_a_killed_run_and_resume_continues_the_tracked_run(zoo, tmp_pa
     # resume: the same TensorBoard folder, each generation logged once
     from evomerge.run import resume
 
+    (tmp_path / "gate").unlink()
     resume(run)
     with RunStore(run / "phase0-ps" / "run.sqlite", readonly=True) as store:
         told = sum(g.told for g in store.generations())
