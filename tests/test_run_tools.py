@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from test_search import experiment
+from test_search import experiment, gated_test_objective
 
 from evomerge.runstore import RunStore
 
@@ -121,25 +121,6 @@ def test_status_while_running_export_any_candidate_and_tensorboard(zoo, tmp_path
     assert {f"phase0/objective/{s}" for s in zoo.skills} <= set(tb) and "phase0/items_scored" in tb
     assert (run / "sources.json").exists() and set(json.loads((run / "sources.json").read_text())) == \
         {"base", "rev", "sort", "tr"}
-
-
-def gated_test_objective(tmp: Path) -> dict:
-    """A custom test-split objective that holds the run before its held-out evaluation while ``tmp/gate``
-    exists (the base check before the search, its first call, passes): the killed run is then unfinished
-    however slowly the machine lets a test poll it, with no race against the search's clock."""
-    fn = tmp / "gate.py"
-    fn.write_text(f"""import time
-from pathlib import Path
-
-def score(model, tokenizer, ctx):
-    calls = Path({str(tmp / 'calls')!r})
-    calls.write_text(calls.read_text() + "x" if calls.exists() else "x")
-    while len(calls.read_text()) > 1 and Path({str(tmp / 'gate')!r}).exists():
-        time.sleep(0.2)
-    return 1.0
-""")
-    (tmp / "gate").touch()
-    return {"name": "gate", "benchmark": {"type": "custom", "fn": f"{fn}:score"}}
 
 
 def test_report_of_a_killed_run_and_resume_continues_the_tracked_run(zoo, tmp_path):

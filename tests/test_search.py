@@ -60,6 +60,25 @@ def experiment(zoo, tmp: Path, **over) -> dict:
     return exp
 
 
+def gated_test_objective(tmp: Path) -> dict:
+    """A custom test-split objective that holds the run before its held-out evaluation while ``tmp/gate``
+    exists (the base check before the search, its first call, passes): the killed run is then unfinished
+    however slowly the machine lets a test poll it, with no race against the search's clock."""
+    fn = tmp / "gate.py"
+    fn.write_text(f"""import time
+from pathlib import Path
+
+def score(model, tokenizer, ctx):
+    calls = Path({str(tmp / 'calls')!r})
+    calls.write_text(calls.read_text() + "x" if calls.exists() else "x")
+    while len(calls.read_text()) > 1 and Path({str(tmp / 'gate')!r}).exists():
+        time.sleep(0.2)
+    return 1.0
+""")
+    (tmp / "gate").touch()
+    return {"name": "gate", "benchmark": {"type": "custom", "fn": f"{fn}:score"}}
+
+
 def final_state(run_dir: Path) -> tuple:
     store = RunStore(run_dir / "phase0-ps" / "run.sqlite", readonly=True)
     evs = store.evaluations()
@@ -238,7 +257,9 @@ def test_steady_state_searcher_killed_and_resumed_follows_the_same_trajectory(zo
 
 
 def test_ctrl_c_saves_and_says_how_to_resume(zoo, tmp_path):
-    experiment(zoo, tmp_path, budget={"evaluations": 600})
+    exp = experiment(zoo, tmp_path, budget={"evaluations": 600})
+    exp["fitness"]["test"].append(gated_test_objective(tmp_path))  # the run cannot end before the Ctrl-C
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp))
     code, out = run_cli(["search", str(tmp_path / "exp.yaml"), "-o", str(tmp_path / "run")], tmp_path,
                         kill_at=2, store=tmp_path / "run" / "phase0-ps" / "run.sqlite", sig=signal.SIGINT)
     assert code == 130, out
