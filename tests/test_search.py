@@ -162,8 +162,10 @@ def run_cli(args: list[str], cwd: Path, kill_at: int | None = None, store: Path 
     """Run the CLI; with ``kill_at``, send ``sig`` once ``store`` holds that many evaluations (plus
     ``delay`` seconds, to land inside an evaluation, a tell or the export)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # a child inherits an ignored SIGINT (something earlier in the suite ignores it in this process), and
+    # Python then installs no KeyboardInterrupt handler: give the CLI the default a terminal would
     proc = subprocess.Popen(EVOMERGE + args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     if kill_at is not None or kill_after is not None:
         deadline = time.time() + 600
         while proc.poll() is None and time.time() < deadline:
