@@ -37,8 +37,10 @@ def note_weights_loading(what: str) -> None:
     input was refused before or after the models loaded is the difference between an error in a
     second and one after minutes; tests and ``scripts/fault_cases.py`` read this file to tell them apart."""
     global _weights_noted
+    if _weights_noted:  # called for every tensor read: the first call decides
+        return
     target = os.environ.get(WEIGHTS_LOG_ENV)
-    if _weights_noted or not target:
+    if not target:
         return
     _weights_noted = True
     with open(target, "a") as f:
@@ -182,14 +184,15 @@ class TensorReader:
         return self._handles[info.file].get_tensor(name).to(device)
 
 
-SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                     "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 def dtype_bytes(dtype: str) -> int:
     """Bytes per element of a dtype as ``TensorInfo`` records it (safetensors' 'F32' or torch's 'torch.float32')."""
-    if dtype in SAFETENSORS_BYTES:
-        return SAFETENSORS_BYTES[dtype]
+    if dtype in SAFETENSORS_DTYPES:
+        return SAFETENSORS_DTYPES[dtype].itemsize
     found = getattr(torch, dtype.removeprefix("torch."), None)
     return found.itemsize if isinstance(found, torch.dtype) else 4
 

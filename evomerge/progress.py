@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from contextlib import contextmanager
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterator, Optional, Protocol
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -31,10 +31,15 @@ def every_seconds() -> float:
         raise ValueError(f"EVOMERGE_PROGRESS_EVERY={text!r}: give seconds between progress lines, e.g. 60") from None
 
 
-def duration(s: float) -> str:
+def duration(s: Optional[float]) -> str:
+    """Seconds as a person reads them in a progress line or a status: 4m05s, 2h07m, 1d 3h20m."""
+    if s is None:
+        return "unknown"
     s = int(round(s))
-    h, rest = divmod(s, 3600)
-    return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
+    d, rest = divmod(s, 86400)
+    h, rest = divmod(rest, 3600)
+    m, sec = divmod(rest, 60)
+    return (f"{d}d " if d else "") + (f"{h}h{m:02d}m" if d or h else f"{m}m{sec:02d}s")
 
 
 class PlainLines:

@@ -457,7 +457,7 @@ def resume(run_dir: str | Path, console: Console | None = None, overrides: Optio
             (console or Console(stderr=True)).print(f"the budget changed since the run started: {c}; continuing "
                                                     f"with the new budget", soft_wrap=True)
         if recorded is None or extended:  # a run older than fingerprints: from now on, it has one
-            write_atomic(folder.fingerprint, json.dumps(now, indent=1, sort_keys=True).encode())
+            folder.record_fingerprint(now)
         _run_job(exp, folder.root, exp_dir, console)
     return folder.root
 

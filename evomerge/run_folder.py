@@ -161,11 +161,15 @@ class RunFolder:
         found = self.read_json(self.fingerprint)
         return None if found is None else {str(k): str(v) for k, v in found.items()}
 
+    def record_fingerprint(self, fingerprint: dict[str, str]) -> None:
+        """Write what the run's results depend on (``evomerge.fingerprint``), read back by resume."""
+        write_atomic(self.fingerprint, json.dumps(fingerprint, indent=1, sort_keys=True).encode())
+
     def freeze(self, data: dict[str, Any], fingerprint: dict[str, str]) -> None:
         """Write the experiment and its fingerprint (the fingerprint first: an experiment.yaml is never
         without one)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.fingerprint, json.dumps(fingerprint, indent=1, sort_keys=True).encode())
+        self.record_fingerprint(fingerprint)
         write_atomic(self.experiment, yaml.safe_dump(data, sort_keys=False).encode())
 
     # -- state ----------------------------------------------------------------------------------

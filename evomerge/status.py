@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from evomerge.progress import duration
 from evomerge.run_folder import RunFolder
 from evomerge.runstore import RunStore
 
@@ -117,15 +118,6 @@ def run_status(run_dir: str | Path, now: Optional[float] = None,
     }
 
 
-def _duration(s: Optional[float]) -> str:
-    if s is None:
-        return "unknown"
-    s = int(round(s))
-    d, rest = divmod(s, 86400)
-    h, rest = divmod(rest, 3600)
-    m, sec = divmod(rest, 60)
-    return (f"{d}d " if d else "") + (f"{h}h{m:02d}m" if d or h else f"{m}m{sec:02d}s")
-
 
 def render(status: dict[str, Any]) -> Any:
     """A rich renderable of ``run_status``: one header, one table per phase, the workers."""
@@ -134,14 +126,14 @@ def render(status: dict[str, Any]) -> Any:
     from rich.text import Text
 
     lines: list[Any] = [Text(f"{status['run_dir']}: {status['state']}", style="bold"),
-             Text(f"elapsed {_duration(status['elapsed_s'])}, left ~{_duration(status['left_s'])}"
-                  if status["state"] != "done" else f"elapsed {_duration(status['elapsed_s'])}")]
+             Text(f"elapsed {duration(status['elapsed_s'])}, left ~{duration(status['left_s'])}"
+                  if status["state"] != "done" else f"elapsed {duration(status['elapsed_s'])}")]
     idle = status.get("idle_s")
     if status["state"].startswith("stopped"):
         lines.append(Text(f"no process is running it: continue it with `evomerge resume {status['run_dir']}`",
                           style="yellow"))
     elif status["state"] != "done" and idle is not None and idle > 600:
-        lines.append(Text(f"no activity for {_duration(idle)}: stopped or killed? continue it with "
+        lines.append(Text(f"no activity for {duration(idle)}: stopped or killed? continue it with "
                           f"`evomerge resume {status['run_dir']}`", style="yellow"))
     if status["hand_recipes"]:
         lines.append(Text("hand recipes (fitness split): " + "; ".join(
@@ -167,6 +159,6 @@ def render(status: dict[str, Any]) -> Any:
             t.add_row(f"worker {w}", f"{share} ({u['busy_s']:.0f} s)")
         if p["last_error"]:
             t.add_row("last failure", p["last_error"][:160])
-        t.add_row("phase time", f"{_duration(p['elapsed_s'])} elapsed, ~{_duration(p['left_s'])} left")
+        t.add_row("phase time", f"{duration(p['elapsed_s'])} elapsed, ~{duration(p['left_s'])} left")
         lines.append(t)
     return Group(*lines)
